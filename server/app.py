@@ -1,0 +1,56 @@
+"""The aiohttp application: one catch-all route into the protocol, and the resources it needs."""
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from . import background
+from .config import Settings
+from .endpoints import ENDPOINTS
+from .keys import POOL, SETTINGS, WRITER
+from .keys import ENDPOINTS as ENDPOINTS_KEY
+from .protocol import dispatch
+from .storage import db, tenants
+from .storage.writer import ReportWriter
+
+
+async def _database(app: web.Application):
+    settings = app[SETTINGS]
+    pool = await db.create_pool(settings.db_dsn)
+    async with pool.acquire() as conn:
+        await db.migrate(conn)
+        await tenants.ensure_company(conn, settings.default_company, settings.default_company_name)
+        await tenants.ensure_user(conn, settings.default_company, settings.default_user, settings.default_user_name)
+    writer = ReportWriter(
+        settings.db_dsn,
+        batch_size=settings.writer_batch_size,
+        max_delay=settings.writer_max_delay_ms / 1000,
+        queue_limit=settings.writer_queue_limit,
+        answer_timeout=settings.writer_answer_timeout,
+    )
+    await writer.start()
+    app[POOL], app[WRITER] = pool, writer
+    yield
+    await writer.close()
+    await pool.close()
+
+
+async def _background(app: web.Application):
+    tasks = background.start(app[POOL], app[SETTINGS])
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[ENDPOINTS_KEY] = ENDPOINTS
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_background)
+    app.router.add_route("*", "/{path:.*}", dispatch)
+    return app

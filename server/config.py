@@ -1,0 +1,63 @@
+"""Settings, read once from environment variables. Every default is listed in the README."""
+
+import os
+from dataclasses import dataclass, fields
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:55432/workers"
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_dsn: str = DEFAULT_DSN
+    host: str = "0.0.0.0"
+    port: int = 8008
+    log_level: str = "INFO"
+    # Registrations
+    default_timeout: int = 600
+    auto_register: bool = True
+    auto_unregister: bool = True
+    trust_proxy_headers: bool = False
+    expiry_sweep_seconds: float = 10.0
+    # Statistics
+    min_chart_interval: int = 40
+    max_chart_buckets: int = 10_000
+    stats_retention_days: float = 30.0
+    retention_sweep_seconds: float = 3600.0
+    # Request handling
+    max_body_bytes: int = 1024 * 1024
+    debug: bool = False
+    # Tenancy until authentication exists: every request acts as this company and user.
+    default_company: str = "default"
+    default_company_name: str = "Default company"
+    default_user: str = "default"
+    default_user_name: str = "Default user"
+    # The batching writer of status reports
+    writer_batch_size: int = 500
+    writer_max_delay_ms: float = 5.0
+    writer_queue_limit: int = 10_000
+    writer_answer_timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, environ=os.environ, **overrides) -> "Settings":
+        """Each field `name` is read from `WORKERS_NAME` (upper case), falling back to the default."""
+        values = {}
+        for field in fields(cls):
+            text = environ.get(f"WORKERS_{field.name.upper()}")
+            if text is None:
+                continue
+            kind = type(field.default)
+            try:
+                values[field.name] = _bool(text) if kind is bool else kind(text)
+            except ValueError as error:
+                raise SystemExit(f"WORKERS_{field.name.upper()}: {error}") from None
+        values.update(overrides)
+        return cls(**values)

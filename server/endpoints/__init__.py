@@ -1,0 +1,5 @@
+"""Every endpoint the server answers, by name."""
+
+from . import workers
+
+ENDPOINTS = {**workers.ENDPOINTS}

@@ -1,0 +1,240 @@
+"""The eight `workers.*` endpoints (SPEC §2): validate the body, call storage, shape the answer."""
+
+import math
+from collections import defaultdict
+from datetime import datetime
+
+from .. import errors, schemas
+from ..errors import ApiError
+from ..keys import POOL, WRITER
+from ..protocol import Call, client_ip
+from ..storage import registrations, statistics
+from ..storage.registrations import WorkerFilter
+from ..storage.writer import Report
+
+GET_ALL_DEFAULT_LAST_SEEN = 3600
+
+
+async def register(call: Call) -> dict:
+    body = schemas.load(schemas.register_request, call.body)
+    timeout = body.get("timeout") or call.settings.default_timeout
+    if timeout < 0:
+        raise ApiError(errors.REGISTRATION_FAILED, "Worker registration failed: timeout must not be negative")
+    await registrations.register(
+        call.request.app[POOL],
+        call.identity.company,
+        body["worker"],
+        user=call.identity.user,
+        ip=client_ip(call.request, call.settings.trust_proxy_headers),
+        timeout=timeout,
+        queues=body.get("queues"),
+        tags=body.get("tags"),
+        system_tags=body.get("system_tags"),
+    )
+    return {}
+
+
+async def unregister(call: Call) -> dict:
+    body = schemas.load(schemas.unregister_request, call.body)
+    removed = await registrations.unregister(call.request.app[POOL], call.identity.company, body["worker"])
+    if not removed and not call.settings.auto_unregister:
+        raise ApiError(errors.WORKER_NOT_REGISTERED, f"Worker is not registered: {body['worker']}")
+    return {}
+
+
+async def status_report(call: Call) -> dict:
+    body = schemas.load(schemas.status_report_request, call.body)
+    company, worker = call.identity.company, body["worker"]
+    if not call.settings.auto_register and not await registrations.is_registered(
+        call.request.app[POOL], company, worker
+    ):
+        raise ApiError(errors.INVALID_WORKER_ID, f"Invalid worker id: {worker} is not registered")
+    await call.request.app[WRITER].write(
+        Report(
+            company=company,
+            worker=worker,
+            user=call.identity.user,
+            ip=client_ip(call.request, call.settings.trust_proxy_headers),
+            timeout=call.settings.default_timeout,
+            time=body["timestamp"],
+            task=body.get("task"),
+            queue=body.get("queue"),
+            queues=body.get("queues"),
+            tags=body.get("tags"),
+            system_tags=body.get("system_tags"),
+            metrics=body.get("machine_stats", {}),
+        )
+    )
+    return {}
+
+
+def _split_tags(tags: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Tags to include, and those given with a leading '-' to exclude."""
+    include = tuple(tag for tag in tags if not tag.startswith("-"))
+    exclude = tuple(tag[1:] for tag in tags if tag.startswith("-"))
+    return include, exclude
+
+
+def _worker_filter(body: dict, default_last_seen: int) -> WorkerFilter:
+    include_tags, exclude_tags = _split_tags(body.get("tags", []))
+    include_system_tags, exclude_system_tags = _split_tags(body.get("system_tags", []))
+    pattern = body.get("worker_pattern")
+    return WorkerFilter(
+        last_seen=body.get("last_seen", default_last_seen),
+        include_tags=include_tags,
+        exclude_tags=exclude_tags,
+        include_system_tags=include_system_tags,
+        exclude_system_tags=exclude_system_tags,
+        like_pattern=registrations.glob_to_like(pattern) if pattern is not None else None,
+    )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _worker_entry(row) -> dict:
+    return {
+        "id": row["worker"],
+        "key": f"worker_{row['company']}_{row['worker']}",
+        "user": {"id": row["user_id"], "name": row["user_name"]},
+        "company": {"id": row["company"], "name": row["company_name"]},
+        "ip": row["ip"],
+        "register_time": _iso(row["register_time"]),
+        "register_timeout": row["register_timeout"],
+        "last_activity_time": _iso(row["last_activity_time"]),
+        "last_report_time": _iso(row["last_report_time"]),
+        "task": {"id": row["task"]} if row["task"] else None,
+        "queue": {"id": row["queue"]} if row["queue"] else None,
+        "queues": [{"id": queue} for queue in row["queues"]],
+        "tags": list(row["tags"]),
+        "system_tags": list(row["system_tags"]),
+    }
+
+
+async def get_all(call: Call) -> dict:
+    body = schemas.load(schemas.worker_filter_request, call.body)
+    rows = await registrations.find(
+        call.request.app[POOL], call.identity.company, _worker_filter(body, GET_ALL_DEFAULT_LAST_SEEN)
+    )
+    return {"workers": [_worker_entry(row) for row in rows]}
+
+
+async def get_count(call: Call) -> dict:
+    body = schemas.load(schemas.worker_filter_request, call.body)
+    count = await registrations.count(call.request.app[POOL], call.identity.company, _worker_filter(body, 0))
+    return {"count": count}
+
+
+async def get_metric_keys(call: Call) -> dict:
+    body = schemas.load(schemas.metric_keys_request, call.body)
+    keys = await statistics.metric_keys(call.request.app[POOL], call.identity.company, body.get("worker_ids", []))
+    if not keys:
+        raise ApiError(errors.WORKER_STATS_NOT_FOUND, "Worker stats not found for the requested workers")
+    by_category = defaultdict(list)
+    for key in keys:
+        by_category[key.split("_", 1)[0]].append(key)
+    return {
+        "categories": [{"name": name, "metric_keys": sorted(by_category[name])} for name in sorted(by_category)]
+    }
+
+
+def _chart_buckets(body: dict, call: Call) -> tuple[int, list[int]]:
+    """The effective interval and the start of every bucket to return (SPEC §2, get_stats).
+
+    Buckets are aligned to the epoch, run from the one holding from_date to the one holding
+    to_date, and the last is dropped when it starts later than to_date - 0.9 * interval.
+    """
+    from_date, to_date = body["from_date"], body["to_date"]
+    if from_date >= to_date:
+        raise ApiError(errors.INVALID_FIELD_VALUES, "Invalid field values: from_date must be less than to_date")
+    interval = max(body["interval"], call.settings.min_chart_interval)
+    first = math.floor(from_date / interval) * interval
+    last = math.floor(to_date / interval) * interval
+    if last > to_date - 0.9 * interval:
+        last -= interval
+    count = (last - first) // interval + 1
+    if count > call.settings.max_chart_buckets:
+        raise ApiError(
+            errors.INVALID_FIELD_VALUES,
+            f"Invalid field values: {count} buckets of {interval} s requested, "
+            f"the limit is {call.settings.max_chart_buckets}: use a larger interval or a shorter range",
+        )
+    return interval, list(range(first, last + 1, interval))
+
+
+def _variant_order(variant: str | None):
+    return (0, int(variant), "") if variant is not None and variant.isdigit() else (1, 0, variant or "")
+
+
+async def get_stats(call: Call) -> dict:
+    body = schemas.load(schemas.stats_request, call.body)
+    interval, buckets = _chart_buckets(body, call)
+    aggregations: dict[str, list[str]] = {}
+    for item in body["items"]:
+        wanted = aggregations.setdefault(item["key"], [])
+        if item["aggregation"] not in wanted:
+            wanted.append(item["aggregation"])
+    rows = await statistics.aggregate(
+        call.request.app[POOL],
+        call.identity.company,
+        from_date=body["from_date"],
+        to_date=body["to_date"],
+        interval=interval,
+        metrics=list(aggregations),
+        worker_ids=body.get("worker_ids", []),
+        split_by_variant=body["split_by_variant"],
+    )
+    # worker -> (metric, variant) -> bucket -> row
+    series: dict[str, dict[tuple[str, str | None], dict[int, object]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        series[row["worker"]][(row["metric"], row["variant"])][row["bucket"]] = row
+    metric_order = {metric: index for index, metric in enumerate(aggregations)}
+    workers = []
+    for worker in sorted(series):
+        metrics = []
+        for metric, variant in sorted(series[worker], key=lambda mv: (metric_order[mv[0]], _variant_order(mv[1]))):
+            by_bucket = series[worker][(metric, variant)]
+            entry = {"metric": metric}
+            if variant is not None:
+                entry["variant"] = variant
+            entry["dates"] = buckets
+            entry["stats"] = [
+                {
+                    "aggregation": aggregation,
+                    "values": [by_bucket[b][aggregation] if b in by_bucket else 0 for b in buckets],
+                }
+                for aggregation in aggregations[metric]
+            ]
+            metrics.append(entry)
+        workers.append({"worker": worker, "metrics": metrics})
+    return {"workers": workers}
+
+
+async def get_activity_report(call: Call) -> dict:
+    body = schemas.load(schemas.activity_request, call.body)
+    interval, buckets = _chart_buckets(body, call)
+    rows = await statistics.activity(
+        call.request.app[POOL],
+        call.identity.company,
+        from_date=body["from_date"],
+        to_date=body["to_date"],
+        interval=interval,
+    )
+    by_bucket = {row["bucket"]: row for row in rows}
+    return {
+        "total": {"dates": buckets, "counts": [by_bucket[b]["total"] if b in by_bucket else 0 for b in buckets]},
+        "active": {"dates": buckets, "counts": [by_bucket[b]["active"] if b in by_bucket else 0 for b in buckets]},
+    }
+
+
+ENDPOINTS = {
+    "workers.register": register,
+    "workers.unregister": unregister,
+    "workers.status_report": status_report,
+    "workers.get_all": get_all,
+    "workers.get_count": get_count,
+    "workers.get_metric_keys": get_metric_keys,
+    "workers.get_stats": get_stats,
+    "workers.get_activity_report": get_activity_report,
+}

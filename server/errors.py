@@ -1,0 +1,26 @@
+"""The API's error codes (SPEC §1) and the exception that carries one to the envelope."""
+
+# (result_code, result_subcode)
+ENDPOINT_NOT_SUPPORTED = (400, 1)
+MISSING_FIELDS = (400, 11)
+VALIDATION_ERROR = (400, 12)
+INVALID_FIELD_VALUES = (400, 16)
+INVALID_WORKER_ID = (400, 1001)
+REGISTRATION_FAILED = (400, 1002)
+WORKER_NOT_REGISTERED = (400, 1004)
+WORKER_STATS_NOT_FOUND = (400, 1005)
+MISSING_CREDENTIALS = (401, 20)
+MALFORMED_CREDENTIALS = (401, 21)
+INVALID_CREDENTIALS = (401, 22)
+INVALID_TOKEN = (401, 30)
+METHOD_NOT_ALLOWED = (405, 0)
+BODY_TOO_LARGE = (413, 0)
+DATABASE_UNAVAILABLE = (503, 0)
+INTERNAL_ERROR = (500, 0)
+
+
+class ApiError(Exception):
+    def __init__(self, code: tuple[int, int], message: str):
+        super().__init__(message)
+        self.result_code, self.result_subcode = code
+        self.message = message

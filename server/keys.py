@@ -1,0 +1,12 @@
+"""Typed keys of what the application holds for its handlers (aiohttp's AppKey)."""
+
+import asyncpg
+from aiohttp import web
+
+from .config import Settings
+from .storage.writer import ReportWriter
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+WRITER = web.AppKey("writer", ReportWriter)
+ENDPOINTS = web.AppKey("endpoints", dict)

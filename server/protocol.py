@@ -1,0 +1,140 @@
+"""The wire protocol (SPEC §1): path parsing, body decoding, the meta/data envelope and error mapping.
+
+Every request enters through `dispatch`: it resolves `/[vX.Y/]service.action` to an endpoint,
+decodes the JSON body, identifies the caller, runs the endpoint and wraps what it returns
+(or the error it raised) in the envelope.
+"""
+
+import logging
+import re
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from . import __version__, auth, errors
+from .config import Settings
+from .errors import ApiError
+from .keys import ENDPOINTS, SETTINGS
+from .storage.db import UNAVAILABLE_ERRORS
+
+API_VERSION = "2.30"
+SERVER_VERSION = __version__
+
+log = logging.getLogger(__name__)
+
+METHODS = frozenset({"GET", "POST", "PUT"})
+_PATH = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<endpoint>[A-Za-z_][\w]*\.[A-Za-z_][\w]*)/?$")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API call as an endpoint sees it."""
+
+    endpoint: str
+    body: dict
+    identity: auth.Identity
+    request: web.Request
+
+    @property
+    def settings(self) -> Settings:
+        return self.request.app[SETTINGS]
+
+
+Endpoint = Callable[[Call], Awaitable[dict]]
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")
+    return int(major), int(minor)
+
+
+def _actual_version(requested: str) -> str:
+    return min(requested, API_VERSION, key=_version_tuple)
+
+
+def envelope(
+    endpoint: str,
+    requested_version: str,
+    data: Any,
+    code: tuple[int, int] = (200, 0),
+    message: str = "OK",
+    error_stack: str | None = None,
+) -> web.Response:
+    call_id = uuid.uuid4().hex
+    meta = {
+        "id": call_id,
+        "trx": call_id,
+        "endpoint": {
+            "name": endpoint,
+            "requested_version": requested_version,
+            "actual_version": _actual_version(requested_version),
+        },
+        "result_code": code[0],
+        "result_subcode": code[1],
+        "result_msg": message,
+        "error_stack": error_stack,
+        "error_data": {},
+    }
+    return web.Response(
+        body=orjson.dumps({"meta": meta, "data": data}),
+        status=code[0],
+        content_type="application/json",
+    )
+
+
+def client_ip(request: web.Request, trust_proxy_headers: bool) -> str | None:
+    """The peer address, or the proxy's X-Real-IP / first X-Forwarded-For when those are trusted."""
+    if trust_proxy_headers:
+        real_ip = request.headers.get("X-Real-IP", "").strip()
+        if real_ip:
+            return real_ip
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+        if forwarded:
+            return forwarded
+    return request.remote
+
+
+def decode_body(raw: bytes) -> dict:
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise ApiError(errors.VALIDATION_ERROR, f"Validation error: malformed JSON body: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(errors.VALIDATION_ERROR, "Validation error: the request body must be a JSON object")
+    return body
+
+
+async def dispatch(request: web.Request) -> web.Response:
+    match = _PATH.match(request.path)
+    endpoint_name = match["endpoint"] if match else request.path.lstrip("/")
+    version = (match and match["version"]) or API_VERSION
+    try:
+        endpoint = request.app[ENDPOINTS].get(endpoint_name) if match else None
+        if endpoint is None:
+            raise ApiError(errors.ENDPOINT_NOT_SUPPORTED, f"endpoint is not supported: {endpoint_name}")
+        if request.method not in METHODS:
+            raise ApiError(errors.METHOD_NOT_ALLOWED, f"method {request.method} is not allowed: use GET, POST or PUT")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as error:
+            raise ApiError(errors.BODY_TOO_LARGE, f"request body is larger than {error.max_size} bytes") from None
+        identity = await auth.identify(request)
+        data = await endpoint(Call(endpoint_name, decode_body(raw), identity, request))
+        return envelope(endpoint_name, version, data)
+    except ApiError as error:
+        return envelope(endpoint_name, version, {}, (error.result_code, error.result_subcode), error.message)
+    except UNAVAILABLE_ERRORS as error:
+        log.warning("database unavailable during %s: %r", endpoint_name, error)
+        return envelope(
+            endpoint_name, version, {}, errors.DATABASE_UNAVAILABLE, "database temporarily unavailable, retry later"
+        )
+    except Exception:
+        log.exception("unexpected error in %s", endpoint_name)
+        stack = traceback.format_exc() if request.app[SETTINGS].debug else None
+        return envelope(endpoint_name, version, {}, errors.INTERNAL_ERROR, "internal server error", stack)

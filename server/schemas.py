@@ -1,0 +1,232 @@
+"""Request bodies: marshmallow schemas, and `load`, which turns their errors into API errors.
+
+Rules shared by every schema (SPEC §1): unknown fields are ignored, `null` for a field
+means the field is absent (unless the field gives `null` a meaning of its own), and types
+are strict: no string is taken for a number, no number for a boolean.
+"""
+
+import time
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
+
+from . import errors
+from .errors import ApiError
+
+MAX_ID_LENGTH = 512
+MILLISECONDS_THRESHOLD = 10**11  # a timestamp above this is in milliseconds
+MAX_CLOCK_AHEAD_SECONDS = 24 * 3600
+REQUIRED_MESSAGE = "Missing data for required field."
+
+
+class Text(fields.String):
+    """A string of at most 512 characters without NUL (which PostgreSQL cannot store)."""
+
+    default_error_messages = {"nul": "Must not contain a NUL character."}
+
+    def __init__(self, *, min_length: int = 0, **kwargs):
+        super().__init__(validate=validate.Length(min=min_length, max=MAX_ID_LENGTH), **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise self.make_error("nul")
+        return text
+
+
+def TextList(**kwargs) -> fields.List:
+    return fields.List(Text(), **kwargs)
+
+
+class Number(fields.Field):
+    """A JSON number (int or float), never a string or a boolean."""
+
+    default_error_messages = {"invalid": "Not a valid number.", "negative": "Must be greater than or equal to 0."}
+
+    def __init__(self, *, non_negative: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.non_negative = non_negative
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        if self.non_negative and value < 0:
+            raise self.make_error("negative")
+        return value
+
+
+class Timestamp(Number):
+    """UNIX time in seconds or, above 10^11, milliseconds; loaded as float seconds."""
+
+    default_error_messages = {"future": "Must not be more than 24 hours ahead of the server's clock."}
+
+    def __init__(self, **kwargs):
+        super().__init__(non_negative=True, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        seconds = super()._deserialize(value, attr, data, **kwargs)
+        if seconds > MILLISECONDS_THRESHOLD:
+            seconds = seconds / 1000
+        if seconds > time.time() + MAX_CLOCK_AHEAD_SECONDS:
+            raise self.make_error("future")
+        return float(seconds)
+
+
+class LastSeen(fields.Field):
+    """Seconds; 0, null or "none" disable the filter (loaded as 0)."""
+
+    default_error_messages = {"invalid": "Must be a non-negative integer, 0, null or 'none'."}
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_none=True, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and value.lower() == "none":
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.make_error("invalid")
+        return value
+
+    def deserialize(self, value, attr=None, data=None, **kwargs):
+        if value is None:
+            return 0
+        return super().deserialize(value, attr, data, **kwargs)
+
+
+class MachineStats(fields.Field):
+    """`{key: number | [number, ...]}` loaded as `{metric: {variant: value}}` (SPEC §4).
+
+    A scalar is variant "total"; list item i is variant "i". Nulls are skipped. One loop
+    over the keys instead of nested schemas: this runs on every status report.
+    """
+
+    default_error_messages = {
+        "type": "Must be an object of metric keys to numbers or lists of numbers.",
+        "key": "Metric keys must be non-empty strings of at most 512 characters without NUL.",
+        "value": "Value of '{metric}' must be a number or a list of numbers.",
+    }
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, dict):
+            raise self.make_error("type")
+        metrics = {}
+        for key, sample in value.items():
+            if not key or len(key) > MAX_ID_LENGTH or "\x00" in key:
+                raise self.make_error("key")
+            if sample is None:
+                continue
+            if isinstance(sample, (int, float)) and not isinstance(sample, bool):
+                metrics[key] = {"total": sample}
+            elif isinstance(sample, list):
+                variants = {}
+                for index, item in enumerate(sample):
+                    if item is None:
+                        continue
+                    if isinstance(item, bool) or not isinstance(item, (int, float)):
+                        raise self.make_error("value", metric=key)
+                    variants[str(index)] = item
+                if variants:
+                    metrics[key] = variants
+            else:
+                raise self.make_error("value", metric=key)
+        return metrics
+
+
+class RequestSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    @pre_load
+    def null_means_absent(self, data, **kwargs):
+        if any(value is None for value in data.values()):
+            data = {
+                name: value
+                for name, value in data.items()
+                if value is not None or (name in self.load_fields and self.load_fields[name].allow_none)
+            }
+        return data
+
+
+class RegisterRequest(RequestSchema):
+    worker = Text(required=True, min_length=1)
+    timeout = fields.Integer(strict=True)
+    queues = TextList()
+    tags = TextList()
+    system_tags = TextList()
+
+
+class UnregisterRequest(RequestSchema):
+    worker = Text(required=True, min_length=1)
+
+
+class StatusReportRequest(RequestSchema):
+    worker = Text(required=True, min_length=1)
+    timestamp = Timestamp(required=True)
+    task = Text()
+    queue = Text()
+    queues = TextList()
+    tags = TextList()
+    system_tags = TextList()
+    machine_stats = MachineStats()
+
+
+class WorkerFilterRequest(RequestSchema):
+    last_seen = LastSeen()
+    tags = TextList()
+    system_tags = TextList()
+    worker_pattern = Text()
+
+
+class MetricKeysRequest(RequestSchema):
+    worker_ids = TextList()
+
+
+class TimeRangeRequest(RequestSchema):
+    from_date = Number(required=True, non_negative=True)
+    to_date = Number(required=True, non_negative=True)
+    interval = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+
+
+class StatItem(RequestSchema):
+    key = Text(required=True, min_length=1)
+    aggregation = fields.String(load_default="avg", validate=validate.OneOf(["avg", "min", "max"]))
+
+
+class StatsRequest(TimeRangeRequest):
+    items = fields.List(fields.Nested(StatItem), required=True, validate=validate.Length(min=1))
+    worker_ids = TextList()
+    split_by_variant = fields.Boolean(truthy={True}, falsy={False}, load_default=False)
+
+
+def _flatten(messages, prefix: str = ""):
+    """Yield (field path, message) from marshmallow's nested error dict."""
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            yield from _flatten(value, path)
+    elif isinstance(messages, list):
+        for message in messages:
+            yield from _flatten(message, prefix)
+    else:
+        yield prefix, str(messages)
+
+
+def load(schema: Schema, body: dict) -> dict:
+    """Validate a request body; raise 400/11 naming missing fields or 400/12 naming bad ones."""
+    try:
+        return schema.load(body)
+    except ValidationError as error:
+        problems = list(_flatten(error.messages))
+    missing = [path for path, message in problems if message == REQUIRED_MESSAGE]
+    if missing:
+        raise ApiError(errors.MISSING_FIELDS, f"Missing required fields: {', '.join(missing)}") from None
+    details = "; ".join(f"{path}: {message}" for path, message in problems)
+    raise ApiError(errors.VALIDATION_ERROR, f"Validation error: {details}") from None
+
+
+register_request = RegisterRequest()
+unregister_request = UnregisterRequest()
+status_report_request = StatusReportRequest()
+worker_filter_request = WorkerFilterRequest()
+metric_keys_request = MetricKeysRequest()
+activity_request = TimeRangeRequest()
+stats_request = StatsRequest()

@@ -1,0 +1,76 @@
+"""Connections to TimescaleDB and the migrations that shape it."""
+
+import asyncio
+import logging
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_LOCK = 0x574B5253  # an arbitrary advisory lock key: one migrator at a time
+
+# Errors that mean "the database cannot be reached right now": the client should retry (503).
+UNAVAILABLE_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+async def create_pool(dsn: str, *, connect_timeout: float = 30.0) -> asyncpg.Pool:
+    """Open a pool, retrying while the database is still starting (as under docker compose)."""
+    deadline = asyncio.get_running_loop().time() + connect_timeout
+    while True:
+        try:
+            return await asyncpg.create_pool(dsn, min_size=1, max_size=10, command_timeout=60)
+        except UNAVAILABLE_ERRORS as error:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            log.warning("database not reachable yet (%r), retrying", error)
+            await asyncio.sleep(1)
+
+
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
+    """`NNN_name.sql` files in version order."""
+    found = []
+    for path in directory.glob("*.sql"):
+        version, _, _ = path.name.partition("_")
+        if version.isdigit():
+            found.append((int(version), path))
+    return sorted(found)
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply the migrations not applied yet, each once and in its own transaction.
+
+    An advisory lock serialises servers that start together; the others wait, then find
+    nothing left to do. Returns the names of the files applied.
+    """
+    applied_now = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATIONS_LOCK)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, path in migration_files(directory):
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(path.read_text())
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name
+                )
+            log.info("applied migration %s", path.name)
+            applied_now.append(path.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATIONS_LOCK)
+    return applied_now

@@ -1,0 +1,163 @@
+"""SQL of the `worker_registrations` table: every statement that touches it is here.
+
+Times are the database's clock (`now()`), so several servers agree on expiry. A row whose
+`expires_at` has passed is treated as absent by every read, before the sweep deletes it.
+"""
+
+from dataclasses import dataclass
+
+import asyncpg
+
+_COLUMNS = """company, worker, user_id, ip, register_time, register_timeout, last_activity_time,
+    last_report_time, expires_at, task, queue, queues, tags, system_tags"""
+
+_REGISTER = f"""
+INSERT INTO worker_registrations AS w ({_COLUMNS})
+VALUES ($1, $2, $3, $4, now(), $5::integer, now(), NULL, now() + make_interval(secs => $5::integer), NULL, NULL, $6, $7, $8)
+ON CONFLICT (company, worker) DO UPDATE SET
+    user_id = EXCLUDED.user_id,
+    ip = EXCLUDED.ip,
+    register_time = EXCLUDED.register_time,
+    register_timeout = EXCLUDED.register_timeout,
+    last_activity_time = EXCLUDED.last_activity_time,
+    last_report_time = NULL,
+    expires_at = EXCLUDED.expires_at,
+    task = NULL,
+    queue = NULL,
+    queues = EXCLUDED.queues,
+    tags = EXCLUDED.tags,
+    system_tags = EXCLUDED.system_tags
+"""
+
+# Part of the batching writer's statement: `$1` is the batch document, whose
+# "registrations" array holds one entry per (company, worker), sorted by that key so that
+# concurrent writers lock rows in the same order. A report refreshes a live registration;
+# an unknown or expired one is (re)created with the report's timeout. queues/tags/
+# system_tags are null in an entry when the report did not send them: kept as they are.
+REPORTS_UPSERT = f"""
+INSERT INTO worker_registrations AS w ({_COLUMNS})
+SELECT r.company, r.worker, r.user_id, r.ip, now(), r.timeout, now(), now(),
+       now() + make_interval(secs => r.timeout), r.task, r.queue, r.queues, r.tags, r.system_tags
+FROM json_to_recordset($1::json -> 'registrations') AS r (
+    company text, worker text, user_id text, ip text, timeout integer,
+    task text, queue text, queues text[], tags text[], system_tags text[])
+ORDER BY r.company, r.worker
+ON CONFLICT (company, worker) DO UPDATE SET
+    user_id = CASE WHEN w.expires_at > now() THEN w.user_id ELSE EXCLUDED.user_id END,
+    ip = EXCLUDED.ip,
+    register_time = CASE WHEN w.expires_at > now() THEN w.register_time ELSE now() END,
+    register_timeout = CASE WHEN w.expires_at > now() THEN w.register_timeout ELSE EXCLUDED.register_timeout END,
+    last_activity_time = now(),
+    last_report_time = now(),
+    expires_at = now() + make_interval(
+        secs => CASE WHEN w.expires_at > now() THEN w.register_timeout ELSE EXCLUDED.register_timeout END),
+    task = EXCLUDED.task,
+    queue = EXCLUDED.queue,
+    queues = coalesce(EXCLUDED.queues, CASE WHEN w.expires_at > now() THEN w.queues END),
+    tags = coalesce(EXCLUDED.tags, CASE WHEN w.expires_at > now() THEN w.tags END),
+    system_tags = coalesce(EXCLUDED.system_tags, CASE WHEN w.expires_at > now() THEN w.system_tags END)
+"""
+
+_UNREGISTER = """
+DELETE FROM worker_registrations WHERE company = $1 AND worker = $2
+RETURNING expires_at > now() AS live
+"""
+
+_IS_REGISTERED = """
+SELECT EXISTS (
+    SELECT 1 FROM worker_registrations WHERE company = $1 AND worker = $2 AND expires_at > now())
+"""
+
+# $1 company, $2 last_seen seconds (0: any), $3/$4 tags to include/exclude,
+# $5/$6 system tags to include/exclude, $7 LIKE pattern or NULL.
+_FILTER = """
+r.company = $1
+AND r.expires_at > now()
+AND ($2::integer = 0 OR r.last_activity_time >= now() - make_interval(secs => $2::integer))
+AND (cardinality($3::text[]) = 0 OR r.tags && $3::text[])
+AND NOT (coalesce(r.tags, '{}') && $4::text[])
+AND (cardinality($5::text[]) = 0 OR r.system_tags && $5::text[])
+AND NOT (coalesce(r.system_tags, '{}') && $6::text[])
+AND ($7::text IS NULL OR r.worker LIKE $7::text)
+"""
+
+_FIND = f"""
+SELECT r.worker, r.ip, r.register_time, r.register_timeout, r.last_activity_time,
+       r.last_report_time, r.task, r.queue,
+       coalesce(r.queues, '{{}}') AS queues,
+       coalesce(r.tags, '{{}}') AS tags,
+       coalesce(r.system_tags, '{{}}') AS system_tags,
+       r.company, c.name AS company_name, r.user_id, u.name AS user_name
+FROM worker_registrations AS r
+JOIN companies AS c ON c.id = r.company
+LEFT JOIN users AS u ON u.company = r.company AND u.id = r.user_id
+WHERE {_FILTER}
+ORDER BY r.worker
+"""
+
+_COUNT = f"SELECT count(*) FROM worker_registrations AS r WHERE {_FILTER}"
+
+_DELETE_EXPIRED = "DELETE FROM worker_registrations WHERE expires_at <= now()"
+
+
+@dataclass(frozen=True)
+class WorkerFilter:
+    last_seen: int = 0
+    include_tags: tuple[str, ...] = ()
+    exclude_tags: tuple[str, ...] = ()
+    include_system_tags: tuple[str, ...] = ()
+    exclude_system_tags: tuple[str, ...] = ()
+    like_pattern: str | None = None
+
+    def arguments(self) -> tuple:
+        return (
+            self.last_seen,
+            list(self.include_tags),
+            list(self.exclude_tags),
+            list(self.include_system_tags),
+            list(self.exclude_system_tags),
+            self.like_pattern,
+        )
+
+
+def glob_to_like(pattern: str) -> str:
+    """`*` and `?` globs as a LIKE pattern matching the whole id; LIKE's own wildcards escaped."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+async def register(
+    db,
+    company: str,
+    worker: str,
+    *,
+    user: str,
+    ip: str | None,
+    timeout: int,
+    queues: list[str] | None,
+    tags: list[str] | None,
+    system_tags: list[str] | None,
+) -> None:
+    await db.execute(_REGISTER, company, worker, user, ip, timeout, queues, tags, system_tags)
+
+
+async def unregister(db, company: str, worker: str) -> bool:
+    """Delete the registration; True when a live one existed."""
+    return bool(await db.fetchval(_UNREGISTER, company, worker))
+
+
+async def is_registered(db, company: str, worker: str) -> bool:
+    return await db.fetchval(_IS_REGISTERED, company, worker)
+
+
+async def find(db, company: str, where: WorkerFilter) -> list[asyncpg.Record]:
+    return await db.fetch(_FIND, company, *where.arguments())
+
+
+async def count(db, company: str, where: WorkerFilter) -> int:
+    return await db.fetchval(_COUNT, company, *where.arguments())
+
+
+async def delete_expired(db) -> int:
+    status = await db.execute(_DELETE_EXPIRED)
+    return int(status.split()[-1])

@@ -1,0 +1,123 @@
+"""Test fixtures: a real TimescaleDB, a fresh schema per session, clean tables per test.
+
+Where the database comes from, in order:
+1. `WORKERS_TEST_DSN`: an existing database (its tables are wiped by the tests);
+2. a testcontainers TimescaleDB, when a Docker engine answers;
+3. the local cluster of `scripts/local-timescaledb.sh` (provisioned and started if needed),
+   in which the database `WORKERS_TEST_DATABASE` (default `workers_test`) is recreated.
+A test that needs the database and cannot reach it fails; nothing is skipped.
+"""
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from server.app import create_app
+from server.config import Settings
+from server.storage import db
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMESCALEDB_IMAGE = "timescale/timescaledb:2.19.3-pg17"
+TABLES = "worker_registrations, worker_stats, worker_metric_keys, users, companies"
+
+# Settings the tests run the server with unless a test says otherwise: charts without the
+# 40 s floor so that buckets can be small, and a fast expiry sweep.
+TEST_SETTINGS = {"min_chart_interval": 1, "expiry_sweep_seconds": 0.2}
+
+
+def _docker_engine_running() -> bool:
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception:
+        return False
+    return True
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+async def _recreate_database(admin_dsn: str, database: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+
+
+async def _migrate(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await db.migrate(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def database_dsn():
+    """A migrated TimescaleDB database for this test session."""
+    if os.environ.get("WORKERS_TEST_DSN"):
+        dsn = os.environ["WORKERS_TEST_DSN"]
+        asyncio.run(_migrate(dsn))
+        yield dsn
+        return
+    if _docker_engine_running():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer(TIMESCALEDB_IMAGE, driver=None) as container:
+            dsn = container.get_connection_url()
+            asyncio.run(_migrate(dsn))
+            yield dsn
+        return
+    started = subprocess.run(
+        [str(ROOT / "scripts" / "local-timescaledb.sh"), "start"], check=True, stdout=subprocess.PIPE, text=True
+    )
+    admin_dsn = started.stdout.strip().splitlines()[-1]
+    dsn = _with_database(admin_dsn, os.environ.get("WORKERS_TEST_DATABASE", "workers_test"))
+    asyncio.run(_recreate_database(admin_dsn, urlsplit(dsn).path.lstrip("/")))
+    asyncio.run(_migrate(dsn))
+    yield dsn
+
+
+@pytest.fixture
+async def dsn(database_dsn):
+    """The test database, its tables emptied before the test."""
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute(f"TRUNCATE {TABLES} CASCADE")
+    finally:
+        await conn.close()
+    return database_dsn
+
+
+@pytest.fixture
+async def db_conn(dsn):
+    """A direct connection, to check what is stored."""
+    conn = await asyncpg.connect(dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def make_client(aiohttp_client, dsn):
+    """`await make_client(**settings)`: a test client of a server with those settings."""
+
+    async def make(**overrides):
+        settings = Settings(db_dsn=dsn, **{**TEST_SETTINGS, **overrides})
+        return await aiohttp_client(create_app(settings))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client):
+    return await make_client()
