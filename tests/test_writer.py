@@ -1,0 +1,154 @@
+"""The batching writer: every 200 is stored, 503 when it cannot be, drained on shutdown."""
+
+import asyncio
+import socket
+import time
+
+import pytest
+from helpers import call, now_ms, ok
+
+from server.errors import ApiError
+from server.storage import tenants
+from server.storage.writer import Report, ReportWriter
+
+
+@pytest.fixture
+async def company(db_conn):
+    """The company that the writer-level tests' reports belong to."""
+    await tenants.ensure_company(db_conn, "default", "Default company")
+
+
+def _report(worker: str, moment: float, **fields) -> Report:
+    defaults = dict(
+        company="default",
+        worker=worker,
+        user="default",
+        ip=None,
+        timeout=600,
+        time=moment,
+        task=None,
+        queue=None,
+        queues=None,
+        tags=None,
+        system_tags=None,
+        metrics={"cpu_usage": {"0": 1.0}},
+    )
+    return Report(**{**defaults, **fields})
+
+
+def _closed_port_dsn() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"postgresql://postgres@127.0.0.1:{port}/workers"
+
+
+async def test_concurrent_reports_are_all_stored(client, db_conn):
+    start = time.time() - 600
+    reports = [
+        {"worker": f"w{i % 20}", "timestamp": start + i / 10, "machine_stats": {"cpu_usage": [i, i + 0.5]}}
+        for i in range(300)
+    ]
+    results = await asyncio.gather(*(call(client, "workers.status_report", body) for body in reports))
+    assert all(result[:2] == (200, 0) for result in results)
+    rows = await db_conn.fetch("SELECT extract(epoch FROM time) AS t, worker, metrics FROM worker_stats")
+    assert len(rows) == 300
+    stored = {(row["worker"], round(float(row["t"]), 3)): row["metrics"] for row in rows}
+    for i, body in enumerate(reports):
+        assert stored[(body["worker"], round(body["timestamp"], 3))] == f'{{"cpu_usage": {{"0": {i}, "1": {i + 0.5}}}}}'
+    assert await db_conn.fetchval("SELECT count(*) FROM worker_registrations") == 20
+
+
+async def test_reports_of_one_worker_in_one_batch_merge_their_registration_updates(dsn, db_conn, company):
+    writer = ReportWriter(dsn, max_delay=0.2)
+    await writer.start()
+    moment = time.time()
+    try:
+        await asyncio.gather(
+            writer.write(_report("w1", moment, tags=["first"], queues=["q"])),
+            writer.write(_report("w1", moment + 1, task="t2")),
+        )
+    finally:
+        await writer.close()
+    row = await db_conn.fetchrow("SELECT tags, queues, task FROM worker_registrations WHERE worker = 'w1'")
+    assert (row["tags"], row["queues"], row["task"]) == (["first"], ["q"], "t2")
+    assert await db_conn.fetchval("SELECT count(*) FROM worker_stats") == 2
+
+
+async def test_a_report_the_database_rejects_does_not_fail_the_others(dsn, db_conn, company):
+    writer = ReportWriter(dsn, max_delay=0.2)
+    await writer.start()
+    moment = time.time()
+    try:
+        results = await asyncio.gather(
+            writer.write(_report("good-1", moment)),
+            writer.write(_report("bad\x00worker", moment)),
+            writer.write(_report("good-2", moment)),
+            return_exceptions=True,
+        )
+    finally:
+        await writer.close()
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], Exception)
+    workers = {row["worker"] for row in await db_conn.fetch("SELECT worker FROM worker_stats")}
+    assert workers == {"good-1", "good-2"}
+
+
+async def test_unreachable_database_answers_503_promptly():
+    writer = ReportWriter(_closed_port_dsn(), answer_timeout=5, retry_delay=30)
+    await writer.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ApiError) as first:
+            await writer.write(_report("w1", time.time()))
+        assert first.value.result_code == 503
+        with pytest.raises(ApiError) as second:  # known to be down: refused without trying
+            await writer.write(_report("w1", time.time()))
+        assert second.value.result_code == 503
+        assert time.monotonic() - started < 3
+    finally:
+        await writer.close()
+
+
+async def test_full_queue_answers_503(dsn, db_conn, company):
+    writer = ReportWriter(dsn, max_delay=0.5, queue_limit=2)
+    await writer.start()
+    moment = time.time()
+    try:
+        waiting = [asyncio.create_task(writer.write(_report(f"w{i}", moment))) for i in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ApiError) as refused:
+            await writer.write(_report("w-extra", moment))
+        assert refused.value.result_code == 503
+        await asyncio.gather(*waiting)
+    finally:
+        await writer.close()
+    workers = {row["worker"] for row in await db_conn.fetch("SELECT worker FROM worker_stats")}
+    assert workers == {"w0", "w1"}
+
+
+async def test_close_drains_accepted_reports(dsn, db_conn, company):
+    writer = ReportWriter(dsn, max_delay=1.0)
+    await writer.start()
+    moment = time.time()
+    pending = [asyncio.create_task(writer.write(_report(f"w{i}", moment))) for i in range(50)]
+    await asyncio.sleep(0.05)
+    await writer.close()
+    await asyncio.gather(*pending)
+    assert await db_conn.fetchval("SELECT count(*) FROM worker_stats") == 50
+    with pytest.raises(ApiError) as refused:
+        await writer.write(_report("late", moment))
+    assert refused.value.result_code == 503
+
+
+async def test_status_report_answers_503_when_the_database_is_down(client, db_conn, monkeypatch):
+    async def refuse(self):
+        raise ConnectionRefusedError("database down")
+
+    monkeypatch.setattr(ReportWriter, "_connect", refuse)
+    body = {"worker": "w1", "timestamp": now_ms(), "machine_stats": {"cpu_usage": 5}}
+    code, subcode, message, _ = await call(client, "workers.status_report", body)
+    assert code == 503
+    assert "retry" in message
+    assert await db_conn.fetchval("SELECT count(*) FROM worker_stats") == 0
+    await ok(client, "workers.get_count", {})
