@@ -122,8 +122,9 @@ async def dispatch(request: web.Request) -> web.Response:
             raise ApiError(errors.METHOD_NOT_ALLOWED, f"method {request.method} is not allowed: use GET, POST or PUT")
         try:
             raw = await request.read()
-        except web.HTTPRequestEntityTooLarge as error:
-            raise ApiError(errors.BODY_TOO_LARGE, f"request body is larger than {error.max_size} bytes") from None
+        except web.HTTPRequestEntityTooLarge:
+            limit = request.app[SETTINGS].max_body_bytes
+            raise ApiError(errors.BODY_TOO_LARGE, f"request body is larger than {limit} bytes") from None
         identity = await auth.identify(request)
         data = await endpoint(Call(endpoint_name, decode_body(raw), identity, request))
         return envelope(endpoint_name, version, data)

@@ -15,6 +15,8 @@ from .errors import ApiError
 MAX_ID_LENGTH = 512
 MILLISECONDS_THRESHOLD = 10**11  # a timestamp above this is in milliseconds
 MAX_CLOCK_AHEAD_SECONDS = 24 * 3600
+MAX_INT32 = 2**31 - 1  # integers are stored as PostgreSQL integer
+MAX_DATE_SECONDS = 253402300799  # 9999-12-31T23:59:59Z, the end of PostgreSQL's timestamp range
 REQUIRED_MESSAGE = "Missing data for required field."
 
 
@@ -54,6 +56,22 @@ class Number(fields.Field):
         return value
 
 
+class Boolean(fields.Field):
+    """A JSON true or false, nothing else (not 1, not "yes")."""
+
+    default_error_messages = {"invalid": "Not a valid boolean."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+def Integer(*, minimum: int | None = None, **kwargs) -> fields.Integer:
+    """A JSON integer that fits PostgreSQL's integer."""
+    return fields.Integer(strict=True, validate=validate.Range(min=minimum, max=MAX_INT32), **kwargs)
+
+
 class Timestamp(Number):
     """UNIX time in seconds or, above 10^11, milliseconds; loaded as float seconds."""
 
@@ -82,7 +100,7 @@ class LastSeen(fields.Field):
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str) and value.lower() == "none":
             return 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT32:
             raise self.make_error("invalid")
         return value
 
@@ -137,7 +155,7 @@ class RequestSchema(Schema):
 
     @pre_load
     def null_means_absent(self, data, **kwargs):
-        if any(value is None for value in data.values()):
+        if isinstance(data, dict) and any(value is None for value in data.values()):
             data = {
                 name: value
                 for name, value in data.items()
@@ -148,7 +166,7 @@ class RequestSchema(Schema):
 
 class RegisterRequest(RequestSchema):
     worker = Text(required=True, min_length=1)
-    timeout = fields.Integer(strict=True)
+    timeout = Integer()
     queues = TextList()
     tags = TextList()
     system_tags = TextList()
@@ -181,9 +199,9 @@ class MetricKeysRequest(RequestSchema):
 
 
 class TimeRangeRequest(RequestSchema):
-    from_date = Number(required=True, non_negative=True)
-    to_date = Number(required=True, non_negative=True)
-    interval = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    from_date = Number(required=True, non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS))
+    to_date = Number(required=True, non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS))
+    interval = Integer(required=True, minimum=1)
 
 
 class StatItem(RequestSchema):
@@ -194,7 +212,7 @@ class StatItem(RequestSchema):
 class StatsRequest(TimeRangeRequest):
     items = fields.List(fields.Nested(StatItem), required=True, validate=validate.Length(min=1))
     worker_ids = TextList()
-    split_by_variant = fields.Boolean(truthy={True}, falsy={False}, load_default=False)
+    split_by_variant = Boolean(load_default=False)
 
 
 def _flatten(messages, prefix: str = ""):
