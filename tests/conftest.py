@@ -26,8 +26,9 @@ TIMESCALEDB_IMAGE = "timescale/timescaledb:2.19.3-pg17"
 TABLES = "worker_registrations, worker_stats, worker_metric_keys, users, companies"
 
 # Settings the tests run the server with unless a test says otherwise: charts without the
-# 40 s floor so that buckets can be small, and a fast expiry sweep.
-TEST_SETTINGS = {"min_chart_interval": 1, "expiry_sweep_seconds": 0.2}
+# 40 s floor so that buckets can be small, a fast expiry sweep, and a retention long enough
+# for reports at fixed past times (the retention sweep runs when a server starts).
+TEST_SETTINGS = {"min_chart_interval": 1, "expiry_sweep_seconds": 0.2, "stats_retention_days": 100_000}
 
 
 def _docker_engine_running() -> bool:
