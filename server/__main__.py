@@ -1,17 +1,28 @@
-"""Command line: `python -m server migrate` and `python -m server serve [--host H] [--port P]`."""
+"""Command line: migrate, serve, and manage credentials.
+
+    python -m server migrate
+    python -m server serve [--host H] [--port P]
+    python -m server credentials create --company NAME [--user NAME]
+    python -m server credentials list
+    python -m server credentials revoke ACCESS_KEY
+"""
 
 import argparse
 import asyncio
 import logging
+import sys
 
 import asyncpg
 from aiohttp import web
 
+from . import auth
 from .app import create_app
 from .config import Settings
-from .storage import db
+from .storage import credentials, db, tenants
 
 log = logging.getLogger("server")
+
+DEFAULT_USER_NAME = "admin"
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
@@ -22,8 +33,23 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def _migrate(settings: Settings) -> None:
+def _run(coroutine) -> int:
+    loop = _event_loop()
+    try:
+        return loop.run_until_complete(coroutine) or 0
+    finally:
+        loop.close()
+
+
+async def _connect(settings: Settings, *, migrate: bool = True) -> asyncpg.Connection:
     conn = await asyncpg.connect(settings.db_dsn)
+    if migrate:
+        await db.migrate(conn)
+    return conn
+
+
+async def migrate(settings: Settings, args) -> None:
+    conn = await _connect(settings, migrate=False)
     try:
         applied = await db.migrate(conn)
     finally:
@@ -31,35 +57,91 @@ async def _migrate(settings: Settings) -> None:
     print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "database is up to date")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+async def create_credentials(settings: Settings, args) -> None:
+    """Create the company and user if missing, and a new access key; print the secret once."""
+    conn = await _connect(settings)
+    try:
+        async with conn.transaction():
+            company = await tenants.company_named(conn, args.company)
+            user = await tenants.user_named(conn, company, args.user)
+            access_key, secret = auth.new_access_key(), auth.new_secret()
+            await credentials.create(conn, access_key, auth.hash_secret(secret), company, user)
+    finally:
+        await conn.close()
+    print(f"company     {args.company} ({company})")
+    print(f"user        {args.user} ({user})")
+    print(f"access_key  {access_key}")
+    print(f"secret_key  {secret}")
+    print("The secret is shown only now: keep it.", file=sys.stderr)
+
+
+async def list_credentials(settings: Settings, args) -> None:
+    conn = await _connect(settings)
+    try:
+        rows = await credentials.list_all(conn)
+    finally:
+        await conn.close()
+    print(f"{'access_key':<22}{'company':<24}{'user':<20}{'created':<22}status")
+    for row in rows:
+        created = row["created_at"].strftime("%Y-%m-%d %H:%M:%S")
+        status = f"revoked {row['revoked_at']:%Y-%m-%d %H:%M:%S}" if row["revoked_at"] else "active"
+        print(f"{row['access_key']:<22}{row['company_name']:<24}{row['user_name']:<20}{created:<22}{status}")
+
+
+async def revoke_credentials(settings: Settings, args) -> int:
+    conn = await _connect(settings)
+    try:
+        revoked = await credentials.revoke(conn, args.access_key)
+    finally:
+        await conn.close()
+    if not revoked:
+        print(f"no active access key {args.access_key}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.access_key}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m server", description="Workers telemetry service.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("migrate", help="apply the migrations to WORKERS_DB_DSN")
+    commands.add_parser("migrate", help="apply the migrations to WORKERS_DB_DSN").set_defaults(action=migrate)
+
     serve = commands.add_parser("serve", help="run the HTTP server (migrations are applied at start)")
     serve.add_argument("--host", help="address to listen on (default: WORKERS_HOST or 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port to listen on (default: WORKERS_PORT or 8008)")
-    args = parser.parse_args(argv)
+    serve.set_defaults(action=None)
 
+    keys = commands.add_parser("credentials", help="create, list or revoke access keys").add_subparsers(
+        dest="credentials_command", required=True
+    )
+    create = keys.add_parser("create", help="new access key for a company's user (both created if missing)")
+    create.add_argument("--company", required=True, help="company name")
+    create.add_argument("--user", default=DEFAULT_USER_NAME, help=f"user name (default: {DEFAULT_USER_NAME})")
+    create.set_defaults(action=create_credentials)
+    keys.add_parser("list", help="every access key, active or revoked").set_defaults(action=list_credentials)
+    revoke = keys.add_parser("revoke", help="revoke an access key: it stops working at once")
+    revoke.add_argument("access_key")
+    revoke.set_defaults(action=revoke_credentials)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     overrides = {name: value for name in ("host", "port") if (value := getattr(args, name, None)) is not None}
     settings = Settings.from_env(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    if args.command == "migrate":
-        loop = _event_loop()
-        try:
-            loop.run_until_complete(_migrate(settings))
-        finally:
-            loop.close()
-    else:
-        web.run_app(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            loop=_event_loop(),
-            access_log=None,
-            print=lambda _: log.info("listening on http://%s:%d", settings.host, settings.port),
-        )
+    if args.action is not None:
+        return _run(args.action(settings, args))
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop=_event_loop(),
+        access_log=None,
+        print=lambda _: log.info("listening on http://%s:%d", settings.host, settings.port),
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,16 +2,17 @@
 
 import asyncio
 import contextlib
+import secrets
 
 from aiohttp import web
 
 from . import background
 from .config import Settings
 from .endpoints import ENDPOINTS
-from .keys import POOL, SETTINGS, WRITER
+from .keys import POOL, SETTINGS, SIGNING_KEY, WRITER
 from .keys import ENDPOINTS as ENDPOINTS_KEY
 from .protocol import dispatch
-from .storage import db, tenants
+from .storage import credentials, db
 from .storage.writer import ReportWriter
 
 
@@ -20,8 +21,7 @@ async def _database(app: web.Application):
     pool = await db.create_pool(settings.db_dsn)
     async with pool.acquire() as conn:
         await db.migrate(conn)
-        await tenants.ensure_company(conn, settings.default_company, settings.default_company_name)
-        await tenants.ensure_user(conn, settings.default_company, settings.default_user, settings.default_user_name)
+        app[SIGNING_KEY] = settings.auth_secret or await credentials.signing_key(conn, secrets.token_urlsafe(48))
     writer = ReportWriter(
         settings.db_dsn,
         batch_size=settings.writer_batch_size,

@@ -1,22 +1,189 @@
-"""Who is calling: the company (tenant) and user every request acts as.
+"""Who is calling: credentials, tokens and the identity (company, user) of every request.
 
-Until credentials exist, every request acts as the configured default company and user;
-the rest of the service already takes the identity as a parameter.
+A request carries `Authorization: Bearer <token>` (a JWT from `auth.login`) or HTTP Basic
+`access_key:secret_key`. Secrets are stored as scrypt hashes; the slow hash is computed
+once per (key, secret) pair and process, while the credential row itself is read on every
+Basic request, so a revoked key stops working at once. Bearer tokens are checked with
+HS256 alone (microseconds): daemons send one on every status report.
 """
 
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import string
+import time
 from dataclasses import dataclass
 
+import jwt
 from aiohttp import web
 
-from .keys import SETTINGS
+from . import errors
+from .errors import ApiError
+from .keys import POOL, SETTINGS, SIGNING_KEY
+from .storage import credentials
+
+TOKEN_ALGORITHM = "HS256"
+ACCESS_KEY_ALPHABET = string.ascii_uppercase + string.digits
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+VERIFIED_CACHE_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
 class Identity:
     company: str
     user: str
+    role: str = "user"
+    company_name: str = ""
+    user_name: str = ""
+
+
+# Secrets
+
+def new_access_key() -> str:
+    return "".join(secrets.choice(ACCESS_KEY_ALPHABET) for _ in range(20))
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(36)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def hash_secret(secret: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(
+            secret.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=len(expected)
+        )
+    except (ValueError, binascii.Error):
+        return False
+    return scheme == "scrypt" and hmac.compare_digest(actual, expected)
+
+
+# Tokens
+
+def issue_token(identity: Identity, key: str, lifetime: int, *, api_version: str, server_version: str) -> str:
+    now = int(time.time())
+    claims = {
+        "identity": {
+            "company": identity.company,
+            "company_name": identity.company_name,
+            "user": identity.user,
+            "user_name": identity.user_name,
+            "role": identity.role,
+        },
+        "iat": now,
+        "exp": now + lifetime,
+        "api_version": api_version,
+        "server_version": server_version,
+        "feature_set": "basic",
+    }
+    return jwt.encode(claims, key, algorithm=TOKEN_ALGORITHM)
+
+
+def decode_token(token: str, key: str) -> Identity:
+    try:
+        claims = jwt.decode(
+            token, key, algorithms=[TOKEN_ALGORITHM], options={"require": ["exp", "iat", "identity"]}
+        )
+    except jwt.ExpiredSignatureError:
+        raise ApiError(errors.INVALID_TOKEN, "Invalid token: the token has expired") from None
+    except jwt.DecodeError as error:
+        if isinstance(error, jwt.InvalidSignatureError):
+            raise ApiError(errors.INVALID_TOKEN, "Invalid token: bad signature") from None
+        raise ApiError(errors.MALFORMED_CREDENTIALS, "Malformed credentials: the token cannot be decoded") from None
+    except jwt.InvalidTokenError as error:
+        raise ApiError(errors.INVALID_TOKEN, f"Invalid token: {error}") from None
+    identity = claims["identity"]
+    if not isinstance(identity, dict) or not all(isinstance(identity.get(k), str) for k in ("company", "user")):
+        raise ApiError(errors.INVALID_TOKEN, "Invalid token: no identity")
+    return Identity(
+        company=identity["company"],
+        user=identity["user"],
+        role=str(identity.get("role", "user")),
+        company_name=str(identity.get("company_name", "")),
+        user_name=str(identity.get("user_name", "")),
+    )
+
+
+# Requests
+
+def _basic_credentials(encoded: str) -> tuple[str, str]:
+    try:
+        access_key, separator, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise ApiError(errors.MALFORMED_CREDENTIALS, "Malformed credentials: bad Basic encoding") from None
+    if not separator or not access_key:
+        raise ApiError(errors.MALFORMED_CREDENTIALS, "Malformed credentials: expected access_key:secret_key")
+    return access_key, secret
+
+
+class _VerifiedSecrets:
+    """(access key, stored hash) -> a keyed digest of the secret that matched it."""
+
+    def __init__(self):
+        self._pepper = secrets.token_bytes(32)
+        self._verified: dict[tuple[str, str], bytes] = {}
+
+    def _digest(self, secret: str) -> bytes:
+        return hmac.new(self._pepper, secret.encode(), hashlib.sha256).digest()
+
+    async def check(self, access_key: str, secret: str, stored_hash: str) -> bool:
+        digest = self._digest(secret)
+        known = self._verified.get((access_key, stored_hash))
+        if known is not None:
+            return hmac.compare_digest(known, digest)
+        if not await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, stored_hash):
+            return False
+        if len(self._verified) >= VERIFIED_CACHE_LIMIT:
+            self._verified.clear()
+        self._verified[(access_key, stored_hash)] = digest
+        return True
+
+
+_verified_secrets = _VerifiedSecrets()
+
+
+async def authenticate_key(pool, access_key: str, secret: str) -> Identity:
+    """The identity of an active access key whose secret matches; 401/22 otherwise."""
+    row = await credentials.find_active(pool, access_key)
+    # Unknown keys are checked against a dummy hash too, so timing does not tell them apart.
+    stored_hash = row["secret_hash"] if row else _DUMMY_HASH
+    if not await _verified_secrets.check(access_key, secret, stored_hash) or row is None:
+        raise ApiError(errors.INVALID_CREDENTIALS, "Invalid credentials: unknown access key or wrong secret")
+    return Identity(
+        company=row["company"],
+        user=row["user_id"],
+        role=row["role"],
+        company_name=row["company_name"],
+        user_name=row["user_name"],
+    )
+
+
+_DUMMY_HASH = hash_secret(new_secret())
 
 
 async def identify(request: web.Request) -> Identity:
-    settings = request.app[SETTINGS]
-    return Identity(company=settings.default_company, user=settings.default_user)
+    header = request.headers.get("Authorization", "").strip()
+    if not header:
+        raise ApiError(errors.MISSING_CREDENTIALS, "Missing credentials: send a Bearer token or Basic credentials")
+    scheme, _, value = header.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        return decode_token(value, request.app[SIGNING_KEY])
+    if scheme.lower() == "basic" and value:
+        access_key, secret = _basic_credentials(value)
+        return await authenticate_key(request.app[POOL], access_key, secret)
+    raise ApiError(errors.MALFORMED_CREDENTIALS, "Malformed credentials: expected a Bearer or Basic Authorization header")

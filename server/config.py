@@ -35,11 +35,10 @@ class Settings:
     # Request handling
     max_body_bytes: int = 1024 * 1024
     debug: bool = False
-    # Tenancy until authentication exists: every request acts as this company and user.
-    default_company: str = "default"
-    default_company_name: str = "Default company"
-    default_user: str = "default"
-    default_user_name: str = "Default user"
+    # Authentication: the key that signs tokens (empty: one generated once and kept in the
+    # database), and the longest lifetime of a token.
+    auth_secret: str = ""
+    token_lifetime_seconds: int = 30 * 24 * 3600
     # The batching writer of status reports
     writer_batch_size: int = 500
     writer_max_delay_ms: float = 5.0

@@ -164,6 +164,10 @@ class RequestSchema(Schema):
         return data
 
 
+class LoginRequest(RequestSchema):
+    expiration_sec = Integer(minimum=1)
+
+
 class RegisterRequest(RequestSchema):
     worker = Text(required=True, min_length=1)
     timeout = Integer()
@@ -241,6 +245,7 @@ def load(schema: Schema, body: dict) -> dict:
     raise ApiError(errors.VALIDATION_ERROR, f"Validation error: {details}") from None
 
 
+login_request = LoginRequest()
 register_request = RegisterRequest()
 unregister_request = UnregisterRequest()
 status_report_request = StatusReportRequest()

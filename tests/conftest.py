@@ -16,14 +16,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from helpers import Credentials, basic_auth
 
+from server import auth
 from server.app import create_app
 from server.config import Settings
-from server.storage import db
+from server.storage import credentials, db, tenants
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMESCALEDB_IMAGE = "timescale/timescaledb:2.19.3-pg17"
-TABLES = "worker_registrations, worker_stats, worker_metric_keys, users, companies"
+TABLES = "worker_registrations, worker_stats, worker_metric_keys, credentials, users, companies"
 
 # Settings the tests run the server with unless a test says otherwise: charts without the
 # 40 s floor so that buckets can be small, a fast expiry sweep, and a retention long enough
@@ -108,13 +110,32 @@ async def db_conn(dsn):
     await conn.close()
 
 
+async def create_credentials(dsn: str, company: str, user: str) -> Credentials:
+    """What `python -m server credentials create` makes, made directly."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        company_id = await tenants.company_named(conn, company)
+        user_id = await tenants.user_named(conn, company_id, user)
+        access_key, secret = auth.new_access_key(), auth.new_secret()
+        await credentials.create(conn, access_key, auth.hash_secret(secret), company_id, user_id)
+    finally:
+        await conn.close()
+    return Credentials(access_key, secret, company, company_id, user, user_id)
+
+
 @pytest.fixture
 def make_client(aiohttp_client, dsn):
-    """`await make_client(**settings)`: a test client of a server with those settings."""
+    """`await make_client(company=..., user=..., **settings)`: a test client of a server with
+    those settings, sending Basic credentials of that company's user (created here) with
+    every request; `client.credentials` tells which. `authenticated=False`: no credentials."""
 
-    async def make(**overrides):
+    async def make(*, company: str = "default", user: str = "tester", authenticated: bool = True, **overrides):
         settings = Settings(db_dsn=dsn, **{**TEST_SETTINGS, **overrides})
-        return await aiohttp_client(create_app(settings))
+        caller = await create_credentials(dsn, company, user)
+        headers = {"Authorization": basic_auth(caller.access_key, caller.secret)} if authenticated else {}
+        client = await aiohttp_client(create_app(settings), headers=headers)
+        client.credentials = caller
+        return client
 
     return make
 

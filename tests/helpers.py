@@ -1,8 +1,24 @@
 """What the tests share besides fixtures: calling the API and reading what is stored."""
 
+import base64
 import time
+from dataclasses import dataclass
 
 import orjson
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret: str
+    company: str
+    company_id: str
+    user: str
+    user_id: str
+
+
+def basic_auth(access_key: str, secret: str) -> str:
+    return "Basic " + base64.b64encode(f"{access_key}:{secret}".encode()).decode()
 
 
 async def call(client, endpoint: str, body=None, *, method: str = "POST", raw: bytes | None = None, headers=None):

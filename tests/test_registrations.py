@@ -28,9 +28,10 @@ async def test_register_records_the_registration(client):
         {"worker": "w1", "queues": ["q1", "q2"], "tags": ["gpu"], "system_tags": ["daemon"]},
     )
     worker = (await _workers(client))["w1"]
-    assert worker["key"] == "worker_default_w1"
-    assert worker["user"] == {"id": "default", "name": "Default user"}
-    assert worker["company"] == {"id": "default", "name": "Default company"}
+    caller = client.credentials
+    assert worker["key"] == f"worker_{caller.company_id}_w1"
+    assert worker["user"] == {"id": caller.user_id, "name": "tester"}
+    assert worker["company"] == {"id": caller.company_id, "name": "default"}
     assert worker["ip"] == "127.0.0.1"
     assert worker["register_timeout"] == 600
     assert worker["queues"] == [{"id": "q1"}, {"id": "q2"}]
@@ -255,8 +256,8 @@ async def test_proxy_headers_are_ignored_unless_trusted(make_client):
 
 
 async def test_companies_see_only_their_own_workers(make_client):
-    company_a = await make_client(default_company="a", default_company_name="A")
-    company_b = await make_client(default_company="b", default_company_name="B")
+    company_a = await make_client(company="A")
+    company_b = await make_client(company="B")
     await ok(company_a, "workers.register", {"worker": "shared", "tags": ["from-a"]})
     await ok(company_b, "workers.register", {"worker": "shared", "tags": ["from-b"]})
     await ok(company_a, "workers.register", {"worker": "only-a"})
@@ -267,7 +268,7 @@ async def test_companies_see_only_their_own_workers(make_client):
     assert sorted(workers_b) == ["shared"]
     assert workers_a["shared"]["tags"] == ["from-a"] and workers_a["shared"]["task"] is None
     assert workers_b["shared"]["tags"] == ["from-b"] and workers_b["shared"]["task"] == {"id": "tb"}
-    assert workers_b["shared"]["company"] == {"id": "b", "name": "B"}
+    assert workers_b["shared"]["company"] == {"id": company_b.credentials.company_id, "name": "B"}
 
     await ok(company_b, "workers.unregister", {"worker": "only-a"})
     await ok(company_b, "workers.unregister", {"worker": "shared"})

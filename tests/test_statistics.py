@@ -96,11 +96,12 @@ async def test_every_value_is_a_full_point_in_the_grafana_view(client, db_conn):
     await report(client, "w1", BASE + 5, {"cpu_usage": [10, 20], "memory_used": 2048}, task="t1")
     await report(client, "w2", BASE + 6, {"memory_free": 7})
     columns = "time, company, worker, task, category, metric, variant, value"
+    company = client.credentials.company_id
     assert await points(db_conn, columns) == [
-        (utc(BASE + 5), "default", "w1", "t1", "cpu", "cpu_usage", "0", 10.0),
-        (utc(BASE + 5), "default", "w1", "t1", "cpu", "cpu_usage", "1", 20.0),
-        (utc(BASE + 6), "default", "w2", None, "memory", "memory_free", "total", 7.0),
-        (utc(BASE + 5), "default", "w1", "t1", "memory", "memory_used", "total", 2048.0),
+        (utc(BASE + 5), company, "w1", "t1", "cpu", "cpu_usage", "0", 10.0),
+        (utc(BASE + 5), company, "w1", "t1", "cpu", "cpu_usage", "1", 20.0),
+        (utc(BASE + 6), company, "w2", None, "memory", "memory_free", "total", 7.0),
+        (utc(BASE + 5), company, "w1", "t1", "memory", "memory_used", "total", 2048.0),
     ]
 
 

@@ -99,10 +99,11 @@ async def test_grafana_view_exposes_every_value_as_a_point(client, db_conn):
         """SELECT extract(epoch FROM time)::bigint AS t, company, worker, task, category, metric, variant, value
            FROM worker_stat_points ORDER BY metric, variant"""
     )
+    company = client.credentials.company_id
     assert [tuple(row) for row in rows] == [
-        (moment, "default", "w1", "t1", "cpu", "cpu_usage", "0", 1.5),
-        (moment, "default", "w1", "t1", "cpu", "cpu_usage", "2", 3.0),
-        (moment, "default", "w1", "t1", "memory", "memory_used", "total", 1024.0),
+        (moment, company, "w1", "t1", "cpu", "cpu_usage", "0", 1.5),
+        (moment, company, "w1", "t1", "cpu", "cpu_usage", "2", 3.0),
+        (moment, company, "w1", "t1", "memory", "memory_used", "total", 1024.0),
     ]
     column_types = await db_conn.fetch(
         """SELECT column_name, data_type FROM information_schema.columns

@@ -13,16 +13,16 @@ from server.storage.writer import Report, ReportWriter
 
 
 @pytest.fixture
-async def company(db_conn):
+async def company(db_conn) -> str:
     """The company that the writer-level tests' reports belong to."""
-    await tenants.ensure_company(db_conn, "default", "Default company")
+    return await tenants.company_named(db_conn, "writers")
 
 
-def _report(worker: str, moment: float, **fields) -> Report:
+def _report(company: str, worker: str, moment: float, **fields) -> Report:
     defaults = dict(
-        company="default",
+        company=company,
         worker=worker,
-        user="default",
+        user="writer",
         ip=None,
         timeout=600,
         time=moment,
@@ -65,8 +65,8 @@ async def test_reports_of_one_worker_in_one_batch_merge_their_registration_updat
     moment = time.time()
     try:
         await asyncio.gather(
-            writer.write(_report("w1", moment, tags=["first"], queues=["q"])),
-            writer.write(_report("w1", moment + 1, task="t2")),
+            writer.write(_report(company, "w1", moment, tags=["first"], queues=["q"])),
+            writer.write(_report(company, "w1", moment + 1, task="t2")),
         )
     finally:
         await writer.close()
@@ -81,9 +81,9 @@ async def test_a_report_the_database_rejects_does_not_fail_the_others(dsn, db_co
     moment = time.time()
     try:
         results = await asyncio.gather(
-            writer.write(_report("good-1", moment)),
-            writer.write(_report("bad\x00worker", moment)),
-            writer.write(_report("good-2", moment)),
+            writer.write(_report(company, "good-1", moment)),
+            writer.write(_report(company, "bad\x00worker", moment)),
+            writer.write(_report(company, "good-2", moment)),
             return_exceptions=True,
         )
     finally:
@@ -100,10 +100,10 @@ async def test_unreachable_database_answers_503_promptly():
     try:
         started = time.monotonic()
         with pytest.raises(ApiError) as first:
-            await writer.write(_report("w1", time.time()))
+            await writer.write(_report("unreachable", "w1", time.time()))
         assert first.value.result_code == 503
         with pytest.raises(ApiError) as second:  # known to be down: refused without trying
-            await writer.write(_report("w1", time.time()))
+            await writer.write(_report("unreachable", "w1", time.time()))
         assert second.value.result_code == 503
         assert time.monotonic() - started < 3
     finally:
@@ -115,10 +115,10 @@ async def test_full_queue_answers_503(dsn, db_conn, company):
     await writer.start()
     moment = time.time()
     try:
-        waiting = [asyncio.create_task(writer.write(_report(f"w{i}", moment))) for i in range(2)]
+        waiting = [asyncio.create_task(writer.write(_report(company, f"w{i}", moment))) for i in range(2)]
         await asyncio.sleep(0.05)
         with pytest.raises(ApiError) as refused:
-            await writer.write(_report("w-extra", moment))
+            await writer.write(_report(company, "w-extra", moment))
         assert refused.value.result_code == 503
         await asyncio.gather(*waiting)
     finally:
@@ -131,13 +131,13 @@ async def test_close_drains_accepted_reports(dsn, db_conn, company):
     writer = ReportWriter(dsn, max_delay=1.0)
     await writer.start()
     moment = time.time()
-    pending = [asyncio.create_task(writer.write(_report(f"w{i}", moment))) for i in range(50)]
+    pending = [asyncio.create_task(writer.write(_report(company, f"w{i}", moment))) for i in range(50)]
     await asyncio.sleep(0.05)
     await writer.close()
     await asyncio.gather(*pending)
     assert await db_conn.fetchval("SELECT count(*) FROM worker_stats") == 50
     with pytest.raises(ApiError) as refused:
-        await writer.write(_report("late", moment))
+        await writer.write(_report(company, "late", moment))
     assert refused.value.result_code == 503
 
 

@@ -1,5 +1,5 @@
 """Every endpoint the server answers, by name."""
 
-from . import workers
+from . import login, workers
 
-ENDPOINTS = {**workers.ENDPOINTS}
+ENDPOINTS = {**login.ENDPOINTS, **workers.ENDPOINTS}
