@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up on this machine and start the server on a local TimescaleDB:
 # the Python environment, TimescaleDB itself (scripts/local-timescaledb.sh), the
-# migrations; then serve on WORKERS_PORT (default 8008) until interrupted.
-# With WORKERS_DB_DSN set, that database is used instead of the local cluster.
+# migrations and a first access key; then serve on WORKERS_PORT (default 8008) until
+# interrupted. With WORKERS_DB_DSN set, that database is used instead of the local cluster.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$("$root/scripts/setup-venv.sh" | tail -n1)"
@@ -11,7 +11,14 @@ if [ -z "${WORKERS_DB_DSN:-}" ]; then
     WORKERS_DB_DSN="$("$root/scripts/local-timescaledb.sh" start | tail -n1)"
 fi
 export WORKERS_DB_DSN
+cd "$root"
 "$python" -m server migrate
+
+# Credentials of company "local", user "admin": created on the first run, kept in
+# .local/credentials (mode 0600) and shown again on later runs while they are valid.
+credentials="$("$python" -m server credentials ensure --file "$root/.local/credentials" --company local)"
+access_key="$(awk '$1 == "access_key" {print $2}' <<<"$credentials")"
+secret_key="$(awk '$1 == "secret_key" {print $2}' <<<"$credentials")"
 
 port="${WORKERS_PORT:-8008}"
 cat <<INFO
@@ -19,9 +26,11 @@ cat <<INFO
   Workers telemetry service
   listening on   http://127.0.0.1:${port}  (all interfaces: ${WORKERS_HOST:-0.0.0.0})
   database       ${WORKERS_DB_DSN}
-  credentials    none needed yet: every request acts as company "${WORKERS_DEFAULT_COMPANY:-default}"
-  try            curl -s http://127.0.0.1:${port}/workers.get_count
+  credentials    access_key ${access_key}
+                 secret_key ${secret_key}
+  try            curl -s -u ${access_key}:${secret_key} http://127.0.0.1:${port}/workers.get_count
+  a daemon       CLEARML_API_HOST=http://127.0.0.1:${port} CLEARML_API_ACCESS_KEY=${access_key} \\
+                 CLEARML_API_SECRET_KEY=${secret_key} clearml-agent daemon --queue default
 
 INFO
-cd "$root"
 exec "$python" -m server serve "$@"

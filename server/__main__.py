@@ -3,6 +3,7 @@
     python -m server migrate
     python -m server serve [--host H] [--port P]
     python -m server credentials create --company NAME [--user NAME]
+    python -m server credentials ensure --file FILE --company NAME [--user NAME]
     python -m server credentials list
     python -m server credentials revoke ACCESS_KEY
 """
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 import asyncpg
 from aiohttp import web
@@ -57,22 +59,50 @@ async def migrate(settings: Settings, args) -> None:
     print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "database is up to date")
 
 
+async def _new_credentials(conn: asyncpg.Connection, company_name: str, user_name: str) -> dict[str, str]:
+    """Create the company and user if missing, and a new access key of that user."""
+    async with conn.transaction():
+        company = await tenants.company_named(conn, company_name)
+        user = await tenants.user_named(conn, company, user_name)
+        access_key, secret = auth.new_access_key(), auth.new_secret()
+        await credentials.create(conn, access_key, auth.hash_secret(secret), company, user)
+    return {
+        "company": f"{company_name} ({company})",
+        "user": f"{user_name} ({user})",
+        "access_key": access_key,
+        "secret_key": secret,
+    }
+
+
+def _format(fields: dict[str, str]) -> str:
+    return "".join(f"{name:<12}{value}\n" for name, value in fields.items())
+
+
 async def create_credentials(settings: Settings, args) -> None:
-    """Create the company and user if missing, and a new access key; print the secret once."""
     conn = await _connect(settings)
     try:
-        async with conn.transaction():
-            company = await tenants.company_named(conn, args.company)
-            user = await tenants.user_named(conn, company, args.user)
-            access_key, secret = auth.new_access_key(), auth.new_secret()
-            await credentials.create(conn, access_key, auth.hash_secret(secret), company, user)
+        created = await _new_credentials(conn, args.company, args.user)
     finally:
         await conn.close()
-    print(f"company     {args.company} ({company})")
-    print(f"user        {args.user} ({user})")
-    print(f"access_key  {access_key}")
-    print(f"secret_key  {secret}")
+    print(_format(created), end="")
     print("The secret is shown only now: keep it.", file=sys.stderr)
+
+
+async def ensure_credentials(settings: Settings, args) -> None:
+    """Print the credentials saved in FILE while they still work; else create and save new ones."""
+    path = Path(args.file)
+    saved = dict(line.split(None, 1) for line in path.read_text().splitlines() if " " in line) if path.exists() else {}
+    conn = await _connect(settings)
+    try:
+        row = await credentials.find_active(conn, saved["access_key"]) if "access_key" in saved else None
+        if row is None or not auth.verify_secret(saved.get("secret_key", ""), row["secret_hash"]):
+            saved = await _new_credentials(conn, args.company, args.user)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(_format(saved))
+    finally:
+        await conn.close()
+    print(_format(saved), end="")
 
 
 async def list_credentials(settings: Settings, args) -> None:
@@ -118,6 +148,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--company", required=True, help="company name")
     create.add_argument("--user", default=DEFAULT_USER_NAME, help=f"user name (default: {DEFAULT_USER_NAME})")
     create.set_defaults(action=create_credentials)
+    ensure = keys.add_parser("ensure", help="print the credentials saved in FILE, creating and saving them if needed")
+    ensure.add_argument("--file", required=True, help="where the credentials are kept (mode 0600)")
+    ensure.add_argument("--company", required=True, help="company name, for new credentials")
+    ensure.add_argument("--user", default=DEFAULT_USER_NAME, help=f"user name (default: {DEFAULT_USER_NAME})")
+    ensure.set_defaults(action=ensure_credentials)
     keys.add_parser("list", help="every access key, active or revoked").set_defaults(action=list_credentials)
     revoke = keys.add_parser("revoke", help="revoke an access key: it stops working at once")
     revoke.add_argument("access_key")
