@@ -1,7 +1,7 @@
 """Command line: migrate, serve, and manage credentials.
 
     python -m server migrate
-    python -m server serve [--host H] [--port P]
+    python -m server serve [--host H] [--port P] [--processes N]
     python -m server credentials create --company NAME [--user NAME]
     python -m server credentials ensure --file FILE --company NAME [--user NAME]
     python -m server credentials list
@@ -15,14 +15,10 @@ import sys
 from pathlib import Path
 
 import asyncpg
-from aiohttp import web
-
-from . import auth
+from . import auth, serving
 from .app import create_app
 from .config import Settings
 from .storage import credentials, db, tenants
-
-log = logging.getLogger("server")
 
 DEFAULT_USER_NAME = "admin"
 
@@ -139,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server (migrations are applied at start)")
     serve.add_argument("--host", help="address to listen on (default: WORKERS_HOST or 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port to listen on (default: WORKERS_PORT or 8008)")
+    serve.add_argument("--processes", type=int, help="server processes (default: WORKERS_PROCESSES or 1)")
     serve.set_defaults(action=None)
 
     keys = commands.add_parser("credentials", help="create, list or revoke access keys").add_subparsers(
@@ -162,19 +159,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {name: value for name in ("host", "port") if (value := getattr(args, name, None)) is not None}
+    overrides = {
+        name: value for name in ("host", "port", "processes") if (value := getattr(args, name, None)) is not None
+    }
     settings = Settings.from_env(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.action is not None:
         return _run(args.action(settings, args))
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop=_event_loop(),
-        access_log=None,
-        print=lambda _: log.info("listening on http://%s:%d", settings.host, settings.port),
-    )
+    serving.serve(lambda: create_app(settings), settings)
     return 0
 
 

@@ -20,6 +20,7 @@ class Settings:
     db_dsn: str = DEFAULT_DSN
     host: str = "0.0.0.0"
     port: int = 8008
+    processes: int = 1
     log_level: str = "INFO"
     # Registrations
     default_timeout: int = 600
