@@ -93,7 +93,39 @@ def issue_token(identity: Identity, key: str, lifetime: int, *, api_version: str
     return jwt.encode(claims, key, algorithm=TOKEN_ALGORITHM)
 
 
+class _VerifiedTokens:
+    """token -> (identity, expiry) of tokens whose signature was checked with `key`.
+
+    A daemon sends the same token with every report: its signature is checked once per
+    process, its expiry on every use.
+    """
+
+    def __init__(self):
+        self._key = ""
+        self._verified: dict[str, tuple[Identity, float]] = {}
+
+    def identity(self, token: str, key: str) -> Identity:
+        if key != self._key:
+            self._key, self._verified = key, {}
+        known = self._verified.get(token)
+        if known is not None and known[1] > time.time():
+            return known[0]
+        identity, expires = _decode_token(token, key)
+        if len(self._verified) >= VERIFIED_CACHE_LIMIT:
+            self._verified.clear()
+        self._verified[token] = (identity, expires)
+        return identity
+
+
+_verified_tokens = _VerifiedTokens()
+
+
 def decode_token(token: str, key: str) -> Identity:
+    """The identity of a token signed with `key` and not expired; 401/21 or 401/30 otherwise."""
+    return _verified_tokens.identity(token, key)
+
+
+def _decode_token(token: str, key: str) -> tuple[Identity, float]:
     try:
         claims = jwt.decode(
             token, key, algorithms=[TOKEN_ALGORITHM], options={"require": ["exp", "iat", "identity"]}
@@ -115,7 +147,7 @@ def decode_token(token: str, key: str) -> Identity:
         role=str(identity.get("role", "user")),
         company_name=str(identity.get("company_name", "")),
         user_name=str(identity.get("user_name", "")),
-    )
+    ), claims["exp"]
 
 
 # Requests

@@ -105,13 +105,16 @@ class ReportWriter:
             raise _unavailable("database temporarily unavailable, retry later")
         if len(self._queue) >= self._queue_limit:
             raise _unavailable("too many reports waiting to be stored, retry later")
-        stored = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        stored = loop.create_future()
         self._queue.append((report, stored))
         self._wakeup.set()
+        # Cheaper than asyncio.wait_for on the hot path: one timer, cancelled once stored.
+        timer = loop.call_later(self._answer_timeout, _expire, stored, self._answer_timeout)
         try:
-            await asyncio.wait_for(asyncio.shield(stored), self._answer_timeout)
-        except asyncio.TimeoutError:
-            raise _unavailable(f"report not stored within {self._answer_timeout:g} s, retry later") from None
+            await stored
+        finally:
+            timer.cancel()
 
     async def _run(self) -> None:
         while True:
@@ -124,7 +127,10 @@ class ReportWriter:
             if len(self._queue) < self._batch_size and self._max_delay > 0 and not self._closing:
                 await asyncio.sleep(self._max_delay)
             count = min(len(self._queue), self._batch_size)
-            batch = [self._queue.popleft() for _ in range(count)]
+            # A report already answered (timed out) is not stored: its sender will retry it.
+            batch = [item for item in (self._queue.popleft() for _ in range(count)) if not item[1].done()]
+            if not batch:
+                continue
             try:
                 await self._store(batch)
             except Exception as error:  # never let the writer die with reports waiting on it
@@ -216,6 +222,11 @@ class ReportWriter:
         if self._connection is not None:
             self._connection.terminate()
             self._connection = None
+
+
+def _expire(stored: asyncio.Future, after: float) -> None:
+    if not stored.done():
+        stored.set_exception(_unavailable(f"report not stored within {after:g} s, retry later"))
 
 
 def _settle(batch: list[tuple[Report, asyncio.Future]], error: BaseException | None) -> None:
