@@ -26,6 +26,9 @@ SERVER_VERSION = __version__
 
 log = logging.getLogger(__name__)
 
+# On 503 the real daemon's HTTP client waits this long before it retries.
+_RETRY_LATER = {"Retry-After": "1"}
+
 METHODS = frozenset({"GET", "POST", "PUT"})
 _PATH = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<endpoint>[A-Za-z_][\w]*\.[A-Za-z_][\w]*)/?$")
 
@@ -83,6 +86,7 @@ def envelope(
         body=orjson.dumps({"meta": meta, "data": data}),
         status=code[0],
         content_type="application/json",
+        headers=_RETRY_LATER if code[0] == 503 else None,
     )
 
 

@@ -147,6 +147,9 @@ async def test_status_report_answers_503_when_the_database_is_down(client, db_co
 
     monkeypatch.setattr(ReportWriter, "_connect", refuse)
     body = {"worker": "w1", "timestamp": now_ms(), "machine_stats": {"cpu_usage": 5}}
+    response = await client.post("/workers.status_report", json=body)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
     code, subcode, message, _ = await call(client, "workers.status_report", body)
     assert code == 503
     assert "retry" in message

@@ -1,0 +1,100 @@
+"""The production command, `python -m server serve --processes N`: gunicorn with aiohttp's
+uvloop worker, every process serving the whole API, and a clean drain on SIGTERM."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import ROOT, create_credentials
+from helpers import basic_auth
+
+PROCESSES = 2
+REPORTS = 200
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.fixture
+def server(dsn, tmp_path):
+    """A server started as in production, on a free port; yields (process, base url)."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--processes", str(PROCESSES)],
+        cwd=ROOT,
+        env={**os.environ, "WORKERS_DB_DSN": dsn},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    yield process, f"http://127.0.0.1:{port}"
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+    log.close()
+
+
+async def _wait_until_serving(base: str, headers: dict) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession(headers=headers) as session:
+        while True:
+            try:
+                async with session.post(f"{base}/workers.get_count", json={}) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start within 30 s"
+            await asyncio.sleep(0.2)
+
+
+async def test_processes_serve_the_api_and_drain_on_sigterm(server, dsn, db_conn):
+    process, base = server
+    caller = await create_credentials(dsn, "served", "daemon")
+    headers = {"Authorization": basic_auth(caller.access_key, caller.secret)}
+    await _wait_until_serving(base, headers)
+    assert len(_children(process.pid)) == PROCESSES
+
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.post(f"{base}/auth.login") as response:
+            token = (await response.json())["data"]["token"]
+        bearer = {"Authorization": f"Bearer {token}"}
+        start = time.time() - 60
+
+        async def report(i: int) -> int:
+            body = {"worker": f"w{i % 10}", "timestamp": start + i / 100, "machine_stats": {"cpu_usage": [i]}}
+            async with session.post(f"{base}/workers.status_report", json=body, headers=bearer) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(report(i) for i in range(REPORTS)))
+        assert statuses == [200] * REPORTS
+        async with session.post(f"{base}/workers.get_count", json={}, headers=bearer) as response:
+            assert (await response.json())["data"]["count"] == 10
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(40) == 0
+    stored = await db_conn.fetchval("SELECT count(*) FROM worker_stats WHERE company = $1", caller.company_id)
+    assert stored == REPORTS
