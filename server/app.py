@@ -24,6 +24,7 @@ async def _database(app: web.Application):
         app[SIGNING_KEY] = settings.auth_secret or await credentials.signing_key(conn, secrets.token_urlsafe(48))
     writer = ReportWriter(
         settings.db_dsn,
+        connections=settings.writer_connections,
         batch_size=settings.writer_batch_size,
         max_delay=settings.writer_max_delay_ms / 1000,
         queue_limit=settings.writer_queue_limit,

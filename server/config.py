@@ -41,8 +41,9 @@ class Settings:
     auth_secret: str = ""
     token_lifetime_seconds: int = 30 * 24 * 3600
     # The batching writer of status reports
+    writer_connections: int = 2
     writer_batch_size: int = 500
-    writer_max_delay_ms: float = 5.0
+    writer_max_delay_ms: float = 0.0
     writer_queue_limit: int = 10_000
     writer_answer_timeout: float = 10.0
 

@@ -22,7 +22,7 @@ def _report(company: str, worker: str, moment: float, **fields) -> Report:
     defaults = dict(
         company=company,
         worker=worker,
-        user="writer",
+        user_id="writer",
         ip=None,
         timeout=600,
         time=moment,
@@ -142,7 +142,7 @@ async def test_close_drains_accepted_reports(dsn, db_conn, company):
 
 
 async def test_status_report_answers_503_when_the_database_is_down(client, db_conn, monkeypatch):
-    async def refuse(self):
+    async def refuse(self, slot):
         raise ConnectionRefusedError("database down")
 
     monkeypatch.setattr(ReportWriter, "_connect", refuse)

@@ -53,7 +53,7 @@ async def status_report(call: Call) -> dict:
         Report(
             company=company,
             worker=worker,
-            user=call.identity.user,
+            user_id=call.identity.user,
             ip=client_ip(call.request, call.settings.trust_proxy_headers),
             timeout=call.settings.default_timeout,
             time=body["timestamp"],

@@ -7,6 +7,11 @@ stores them with one statement: the registration upserts, the new metric keys an
 report rows, all read from one JSON document by the database. A report that was answered
 200 is therefore stored; one that was not stored is answered 503 (the daemon retries).
 
+Several such tasks (`connections`) take batches in turn, so that one batch is being built
+and answered while another is in the database; a batch is taken as soon as a task is free
+(and up to `max_delay` later if set), so the batch size follows the load. Concurrent
+batches lock registrations in the same (sorted) order and cannot deadlock.
+
 The queue is bounded, and while the database is unreachable writes fail at once with 503
 instead of queueing; the next write after `retry_delay` probes the database again.
 """
@@ -14,6 +19,7 @@ instead of queueing; the next write after `retry_delay` probes the database agai
 import asyncio
 import collections
 import logging
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -39,11 +45,13 @@ METRIC_KEY_REFRESH = 3600.0
 KNOWN_KEYS_LIMIT = 1_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Report:
+    """A validated status report; serialised as is (orjson) into the batch document."""
+
     company: str
     worker: str
-    user: str
+    user_id: str
     ip: str | None
     timeout: int  # for a registration that the report creates
     time: float  # UNIX seconds
@@ -64,8 +72,9 @@ class ReportWriter:
         self,
         dsn: str,
         *,
+        connections: int = 2,
         batch_size: int = 500,
-        max_delay: float = 0.005,
+        max_delay: float = 0.0,
         queue_limit: int = 10_000,
         answer_timeout: float = 10.0,
         retry_delay: float = 1.0,
@@ -78,24 +87,26 @@ class ReportWriter:
         self._retry_delay = retry_delay
         self._queue: collections.deque[tuple[Report, asyncio.Future]] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._connection: asyncpg.Connection | None = None
+        self._connections: list[asyncpg.Connection | None] = [None] * connections
         self._unavailable_until = 0.0
         self._known_keys: dict[tuple[str, str, str], float] = {}
         self._closing = False
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="report-writer")
+        self._tasks = [
+            asyncio.create_task(self._run(slot), name=f"report-writer-{slot}") for slot in range(len(self._connections))
+        ]
 
     async def close(self) -> None:
         """Stop taking reports, store those already accepted, then disconnect."""
         self._closing = True
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        await asyncio.gather(*self._tasks)
+        for slot, connection in enumerate(self._connections):
+            if connection is not None:
+                await connection.close()
+                self._connections[slot] = None
 
     async def write(self, report: Report) -> None:
         """Return once `report` is committed; raise 503 when it cannot be (now)."""
@@ -116,7 +127,7 @@ class ReportWriter:
         finally:
             timer.cancel()
 
-    async def _run(self) -> None:
+    async def _run(self, slot: int) -> None:
         while True:
             if not self._queue:
                 if self._closing:
@@ -132,21 +143,21 @@ class ReportWriter:
             if not batch:
                 continue
             try:
-                await self._store(batch)
+                await self._store(slot, batch)
             except Exception as error:  # never let the writer die with reports waiting on it
                 log.exception("report writer failed")
                 _settle(batch, error)
 
-    async def _store(self, batch: list[tuple[Report, asyncio.Future]]) -> None:
+    async def _store(self, slot: int, batch: list[tuple[Report, asyncio.Future]]) -> None:
         reports = [report for report, _ in batch]
         document, new_keys = self._document(reports)
         try:
-            connection = await self._connect()
+            connection = await self._connect(slot)
             await connection.execute(WRITE_BATCH, document, timeout=self._answer_timeout)
         except UNAVAILABLE_ERRORS as error:
             log.warning("database unavailable, %d reports answered 503: %r", len(batch), error)
             self._unavailable_until = time.monotonic() + self._retry_delay
-            await self._disconnect()
+            self._disconnect(slot)
             _settle(batch, _unavailable("database temporarily unavailable, retry later"))
             return
         except asyncpg.PostgresError as error:
@@ -156,55 +167,39 @@ class ReportWriter:
             # One bad report must not fail the others: store each alone.
             log.warning("batch of %d reports failed (%r); storing them one by one", len(batch), error)
             for item in batch:
-                await self._store([item])
+                await self._store(slot, [item])
             return
         self._remember_keys(new_keys)
         _settle(batch, None)
 
     def _document(self, reports: list[Report]) -> tuple[str, dict]:
         """The JSON document that WRITE_BATCH reads, and the metric keys it writes."""
-        registrations_by_worker: dict[tuple[str, str], dict] = {}
+        registrations: dict[tuple[str, str], Report] = {}
         new_keys: dict[tuple[str, str, str], float] = {}
-        rows = []
         for report in reports:
             key = (report.company, report.worker)
-            earlier = registrations_by_worker.get(key)
-            registrations_by_worker[key] = {
-                "company": report.company,
-                "worker": report.worker,
-                "user_id": report.user,
-                "ip": report.ip,
-                "timeout": report.timeout,
-                "task": report.task,
-                "queue": report.queue,
+            earlier = registrations.get(key)
+            if earlier is not None:
                 # Lists a later report did not send keep what an earlier one in the batch sent.
-                "queues": report.queues if report.queues is not None or not earlier else earlier["queues"],
-                "tags": report.tags if report.tags is not None or not earlier else earlier["tags"],
-                "system_tags": (
-                    report.system_tags if report.system_tags is not None or not earlier else earlier["system_tags"]
-                ),
-            }
-            rows.append(
-                {
-                    "time": report.time,
-                    "company": report.company,
-                    "worker": report.worker,
-                    "task": report.task,
-                    "metrics": report.metrics,
-                }
-            )
+                report = dataclasses.replace(
+                    report,
+                    queues=earlier.queues if report.queues is None else report.queues,
+                    tags=earlier.tags if report.tags is None else report.tags,
+                    system_tags=earlier.system_tags if report.system_tags is None else report.system_tags,
+                )
+            registrations[key] = report
             for metric in report.metrics:
                 metric_key = (report.company, report.worker, metric)
                 written = self._known_keys.get(metric_key)
                 if written is None or report.time > written + METRIC_KEY_REFRESH:
                     new_keys[metric_key] = max(report.time, new_keys.get(metric_key, 0.0))
         document = {
-            "registrations": [registrations_by_worker[key] for key in sorted(registrations_by_worker)],
+            "registrations": [registrations[key] for key in sorted(registrations)],
             "metric_keys": [
                 {"company": company, "worker": worker, "metric": metric, "time": when}
                 for (company, worker, metric), when in sorted(new_keys.items())
             ],
-            "reports": rows,
+            "reports": reports,
         }
         return orjson.dumps(document).decode(), new_keys
 
@@ -213,15 +208,16 @@ class ReportWriter:
             self._known_keys.clear()
         self._known_keys.update(new_keys)
 
-    async def _connect(self) -> asyncpg.Connection:
-        if self._connection is None or self._connection.is_closed():
-            self._connection = await asyncpg.connect(self._dsn, timeout=self._answer_timeout)
-        return self._connection
+    async def _connect(self, slot: int) -> asyncpg.Connection:
+        connection = self._connections[slot]
+        if connection is None or connection.is_closed():
+            connection = self._connections[slot] = await asyncpg.connect(self._dsn, timeout=self._answer_timeout)
+        return connection
 
-    async def _disconnect(self) -> None:
-        if self._connection is not None:
-            self._connection.terminate()
-            self._connection = None
+    def _disconnect(self, slot: int) -> None:
+        if self._connections[slot] is not None:
+            self._connections[slot].terminate()
+            self._connections[slot] = None
 
 
 def _expire(stored: asyncio.Future, after: float) -> None:
