@@ -110,6 +110,11 @@ class LastSeen(fields.Field):
         return super().deserialize(value, attr, data, **kwargs)
 
 
+# Exact types: bool (a subclass of int) is not a number here. orjson makes no subclasses.
+_NUMBER_TYPES = frozenset((int, float))
+_VARIANT_NAMES = tuple(str(index) for index in range(256))
+
+
 class MachineStats(fields.Field):
     """`{key: number | [number, ...]}` loaded as `{metric: {variant: value}}` (SPEC §4).
 
@@ -130,23 +135,30 @@ class MachineStats(fields.Field):
         for key, sample in value.items():
             if not key or len(key) > MAX_ID_LENGTH or "\x00" in key:
                 raise self.make_error("key")
-            if sample is None:
-                continue
-            if isinstance(sample, (int, float)) and not isinstance(sample, bool):
+            kind = type(sample)
+            if kind in _NUMBER_TYPES:
                 metrics[key] = {"total": sample}
-            elif isinstance(sample, list):
-                variants = {}
-                for index, item in enumerate(sample):
-                    if item is None:
-                        continue
-                    if isinstance(item, bool) or not isinstance(item, (int, float)):
-                        raise self.make_error("value", metric=key)
-                    variants[str(index)] = item
+            elif kind is list:
+                # The usual list (numbers only) is checked and mapped to variants in C.
+                if set(map(type, sample)) <= _NUMBER_TYPES and len(sample) <= len(_VARIANT_NAMES):
+                    variants = dict(zip(_VARIANT_NAMES, sample))
+                else:
+                    variants = self._variants(key, sample)
                 if variants:
                     metrics[key] = variants
-            else:
+            elif sample is not None:
                 raise self.make_error("value", metric=key)
         return metrics
+
+    def _variants(self, key: str, sample: list) -> dict:
+        variants = {}
+        for index, item in enumerate(sample):
+            if item is None:
+                continue
+            if type(item) not in _NUMBER_TYPES:
+                raise self.make_error("value", metric=key)
+            variants[str(index)] = item
+        return variants
 
 
 class RequestSchema(Schema):

@@ -23,6 +23,10 @@ def gunicorn_options(settings: Settings) -> dict:
         "worker_class": WORKER_CLASS,
         # Daemons report every few seconds: keep their connections open between reports.
         "keepalive": 75,
+        # Each worker listens on its own SO_REUSEPORT socket and the kernel spreads new
+        # connections evenly. On one shared socket the first worker to wake takes every
+        # pending connection, and kept-alive daemons then stay on it.
+        "reuse_port": settings.processes > 1,
         "graceful_timeout": 30,
         "accesslog": None,
         "loglevel": settings.log_level.lower(),

@@ -75,6 +75,41 @@ async def test_reports_of_one_worker_in_one_batch_merge_their_registration_updat
     assert await db_conn.fetchval("SELECT count(*) FROM worker_stats") == 2
 
 
+async def _metric_keys(db_conn) -> dict[tuple[str, str], float]:
+    rows = await db_conn.fetch("SELECT worker, metric, extract(epoch FROM last_reported) AS t FROM worker_metric_keys")
+    return {(row["worker"], row["metric"]): float(row["t"]) for row in rows}
+
+
+async def test_metric_keys_are_written_when_new_and_refreshed_hourly(dsn, db_conn, company):
+    writer = ReportWriter(dsn)
+    await writer.start()
+    start = time.time() - 7200
+    try:
+        await writer.write(_report(company, "w1", start, metrics={"cpu_usage": {"0": 1.0}}))
+        # Two reports in one batch, each with a metric the other lacks.
+        await asyncio.gather(
+            writer.write(_report(company, "w1", start + 10, metrics={"gpu_usage": {"0": 2.0}})),
+            writer.write(
+                _report(company, "w1", start + 20, metrics={"cpu_usage": {"0": 1.0}, "memory_used": {"total": 3.0}})
+            ),
+        )
+        assert await _metric_keys(db_conn) == {
+            ("w1", "cpu_usage"): pytest.approx(start),
+            ("w1", "gpu_usage"): pytest.approx(start + 10),
+            ("w1", "memory_used"): pytest.approx(start + 20),
+        }
+        # Known keys within the hour are not written again...
+        await writer.write(_report(company, "w1", start + 60, metrics={"cpu_usage": {"0": 1.0}}))
+        assert (await _metric_keys(db_conn))[("w1", "cpu_usage")] == pytest.approx(start)
+        # ...after it, the keys the report carries are.
+        await writer.write(_report(company, "w1", start + 3700, metrics={"cpu_usage": {"0": 1.0}}))
+        keys = await _metric_keys(db_conn)
+        assert keys[("w1", "cpu_usage")] == pytest.approx(start + 3700)
+        assert keys[("w1", "gpu_usage")] == pytest.approx(start + 10)
+    finally:
+        await writer.close()
+
+
 async def test_a_report_the_database_rejects_does_not_fail_the_others(dsn, db_conn, company):
     writer = ReportWriter(dsn, max_delay=0.2)
     await writer.start()

@@ -29,16 +29,16 @@ ON CONFLICT (company, worker) DO UPDATE SET
     system_tags = EXCLUDED.system_tags
 """
 
-# Part of the batching writer's statement: `$1` is the batch document, whose
-# "registrations" array holds one entry per (company, worker), sorted by that key so that
-# concurrent writers lock rows in the same order. A report refreshes a live registration;
+# Part of the batching writer's statement: `$1` is a jsonb array of one entry per
+# (company, worker), sorted by that key so that concurrent writers lock rows in the same
+# order. A report refreshes a live registration;
 # an unknown or expired one is (re)created with the report's timeout. queues/tags/
 # system_tags are null in an entry when the report did not send them: kept as they are.
 REPORTS_UPSERT = f"""
 INSERT INTO worker_registrations AS w ({_COLUMNS})
 SELECT r.company, r.worker, r.user_id, r.ip, now(), r.timeout, now(), now(),
        now() + make_interval(secs => r.timeout), r.task, r.queue, r.queues, r.tags, r.system_tags
-FROM json_to_recordset($1::json -> 'registrations') AS r (
+FROM jsonb_to_recordset($1::jsonb) AS r (
     company text, worker text, user_id text, ip text, timeout integer,
     task text, queue text, queues text[], tags text[], system_tags text[])
 ORDER BY r.company, r.worker

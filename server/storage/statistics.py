@@ -7,18 +7,19 @@ into one point per value for Grafana.
 
 import asyncpg
 
-# Parts of the batching writer's statement; `$1` is the batch document.
+# Parts of the batching writer's statement: `$2` is a jsonb array of metric keys to
+# upsert, `$3` one of report rows.
 REPORTS_INSERT = """
 INSERT INTO worker_stats (time, company, worker, task, metrics)
 SELECT to_timestamp(r.time), r.company, r.worker, r.task, r.metrics
-FROM json_to_recordset($1::json -> 'reports') AS r (
+FROM jsonb_to_recordset($3::jsonb) AS r (
     time double precision, company text, worker text, task text, metrics jsonb)
 """
 
 METRIC_KEYS_UPSERT = """
 INSERT INTO worker_metric_keys AS k (company, worker, metric, last_reported)
 SELECT n.company, n.worker, n.metric, to_timestamp(n.time)
-FROM json_to_recordset($1::json -> 'metric_keys') AS n (
+FROM jsonb_to_recordset($2::jsonb) AS n (
     company text, worker text, metric text, time double precision)
 ORDER BY n.company, n.worker, n.metric
 ON CONFLICT (company, worker, metric) DO UPDATE

@@ -4,7 +4,7 @@ Handlers hand each validated report to `ReportWriter.write`, which returns only 
 transaction holding it has committed. One task, holding its own connection, takes up to
 `batch_size` queued reports (waiting `max_delay` for more when fewer are queued) and
 stores them with one statement: the registration upserts, the new metric keys and the
-report rows, all read from one JSON document by the database. A report that was answered
+report rows, each passed as one jsonb array. A report that was answered
 200 is therefore stored; one that was not stored is answered 503 (the daemon retries).
 
 Several such tasks (`connections`) take batches in turn, so that one batch is being built
@@ -19,7 +19,6 @@ instead of queueing; the next write after `retry_delay` probes the database agai
 import asyncio
 import collections
 import logging
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -39,10 +38,11 @@ WITH registrations AS ({registrations.REPORTS_UPSERT}),
 {statistics.REPORTS_INSERT}
 """
 
-# A metric key's last_reported is refreshed at most this often (seconds); the cache of
-# keys already written is forgotten when it grows past KNOWN_KEYS_LIMIT entries.
+# A metric key's last_reported is refreshed at most this often (seconds). The writer
+# caches, per worker, when its keys were last written and which; the cache is forgotten
+# when it grows past KNOWN_WORKERS_LIMIT workers.
 METRIC_KEY_REFRESH = 3600.0
-KNOWN_KEYS_LIMIT = 1_000_000
+KNOWN_WORKERS_LIMIT = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,7 @@ class ReportWriter:
         self._wakeup = asyncio.Event()
         self._connections: list[asyncpg.Connection | None] = [None] * connections
         self._unavailable_until = 0.0
-        self._known_keys: dict[tuple[str, str, str], float] = {}
+        self._known_keys: dict[tuple[str, str], tuple[float, frozenset]] = {}
         self._closing = False
         self._tasks: list[asyncio.Task] = []
 
@@ -150,10 +150,10 @@ class ReportWriter:
 
     async def _store(self, slot: int, batch: list[tuple[Report, asyncio.Future]]) -> None:
         reports = [report for report, _ in batch]
-        document, new_keys = self._document(reports)
+        parameters, written_keys = self._parameters(reports)
         try:
             connection = await self._connect(slot)
-            await connection.execute(WRITE_BATCH, document, timeout=self._answer_timeout)
+            await connection.execute(WRITE_BATCH, *parameters, timeout=self._answer_timeout)
         except UNAVAILABLE_ERRORS as error:
             log.warning("database unavailable, %d reports answered 503: %r", len(batch), error)
             self._unavailable_until = time.monotonic() + self._retry_delay
@@ -169,44 +169,63 @@ class ReportWriter:
             for item in batch:
                 await self._store(slot, [item])
             return
-        self._remember_keys(new_keys)
+        self._remember_keys(written_keys)
         _settle(batch, None)
 
-    def _document(self, reports: list[Report]) -> tuple[str, dict]:
-        """The JSON document that WRITE_BATCH reads, and the metric keys it writes."""
-        registrations: dict[tuple[str, str], Report] = {}
-        new_keys: dict[tuple[str, str, str], float] = {}
+    def _parameters(self, reports: list[Report]) -> tuple[tuple[str, str, str], dict]:
+        """WRITE_BATCH's three jsonb parameters, and the metric keys they write."""
+        registrations: dict[tuple[str, str], dict] = {}
+        metric_keys: dict[tuple[str, str, str], float] = {}
+        written: dict[tuple[str, str], tuple[float, frozenset]] = {}  # metric keys, as cached
         for report in reports:
             key = (report.company, report.worker)
+            entry = {
+                "company": report.company,
+                "worker": report.worker,
+                "user_id": report.user_id,
+                "ip": report.ip,
+                "timeout": report.timeout,
+                "task": report.task,
+                "queue": report.queue,
+                "queues": report.queues,
+                "tags": report.tags,
+                "system_tags": report.system_tags,
+            }
             earlier = registrations.get(key)
             if earlier is not None:
                 # Lists a later report did not send keep what an earlier one in the batch sent.
-                report = dataclasses.replace(
-                    report,
-                    queues=earlier.queues if report.queues is None else report.queues,
-                    tags=earlier.tags if report.tags is None else report.tags,
-                    system_tags=earlier.system_tags if report.system_tags is None else report.system_tags,
-                )
-            registrations[key] = report
-            for metric in report.metrics:
-                metric_key = (report.company, report.worker, metric)
-                written = self._known_keys.get(metric_key)
-                if written is None or report.time > written + METRIC_KEY_REFRESH:
-                    new_keys[metric_key] = max(report.time, new_keys.get(metric_key, 0.0))
-        document = {
-            "registrations": [registrations[key] for key in sorted(registrations)],
-            "metric_keys": [
-                {"company": company, "worker": worker, "metric": metric, "time": when}
-                for (company, worker, metric), when in sorted(new_keys.items())
-            ],
-            "reports": reports,
-        }
-        return orjson.dumps(document).decode(), new_keys
+                for name in ("queues", "tags", "system_tags"):
+                    if entry[name] is None:
+                        entry[name] = earlier[name]
+            registrations[key] = entry
+            known = written.get(key) or self._known_keys.get(key)
+            if known is None or report.time > known[0] + METRIC_KEY_REFRESH:
+                written[key] = (report.time, frozenset(report.metrics))
+                new_metrics = report.metrics.keys()
+            elif not report.metrics.keys() <= known[1]:
+                new_metrics = report.metrics.keys() - known[1]
+                written[key] = (known[0], known[1].union(new_metrics))
+            else:
+                continue
+            for metric in new_metrics:
+                row = (report.company, report.worker, metric)
+                metric_keys[row] = max(report.time, metric_keys.get(row, 0.0))
+        parameters = (
+            orjson.dumps([registrations[key] for key in sorted(registrations)]).decode(),
+            orjson.dumps(
+                [
+                    {"company": company, "worker": worker, "metric": metric, "time": when}
+                    for (company, worker, metric), when in sorted(metric_keys.items())
+                ]
+            ).decode(),
+            orjson.dumps(reports).decode(),
+        )
+        return parameters, written
 
-    def _remember_keys(self, new_keys: dict) -> None:
-        if len(self._known_keys) + len(new_keys) > KNOWN_KEYS_LIMIT:
+    def _remember_keys(self, written: dict) -> None:
+        if len(self._known_keys) + len(written) > KNOWN_WORKERS_LIMIT:
             self._known_keys.clear()
-        self._known_keys.update(new_keys)
+        self._known_keys.update(written)
 
     async def _connect(self, slot: int) -> asyncpg.Connection:
         connection = self._connections[slot]
