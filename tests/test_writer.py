@@ -4,6 +4,7 @@ import asyncio
 import socket
 import time
 
+import asyncpg
 import pytest
 from helpers import call, now_ms, ok
 
@@ -143,6 +144,43 @@ async def test_unreachable_database_answers_503_promptly():
         assert time.monotonic() - started < 3
     finally:
         await writer.close()
+
+
+class _BrokenConnection:
+    """A connection that the server closed (shutting down) between two of asyncpg's reads:
+    asyncpg refuses the next statement with InternalClientError (seen in the fault run)."""
+
+    terminated = False
+
+    def is_closed(self) -> bool:
+        return False
+
+    async def execute(self, *args, **kwargs):
+        raise asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+
+async def test_a_connection_left_broken_answers_503_and_is_replaced(dsn, db_conn, company):
+    writer = ReportWriter(dsn, connections=1, retry_delay=0.1)
+    await writer.start()
+    moment = time.time()
+    try:
+        await writer.write(_report(company, "w1", moment))
+        healthy, broken = writer._connections[0], _BrokenConnection()
+        await healthy.close()
+        writer._connections[0] = broken
+        with pytest.raises(ApiError) as refused:
+            await writer.write(_report(company, "w1", moment + 1))
+        assert refused.value.result_code == 503
+        assert broken.terminated
+        await asyncio.sleep(0.2)
+        await writer.write(_report(company, "w1", moment + 2))
+    finally:
+        await writer.close()
+    stored = await db_conn.fetch("SELECT extract(epoch FROM time) AS t FROM worker_stats ORDER BY time")
+    assert [float(row["t"]) for row in stored] == [pytest.approx(moment), pytest.approx(moment + 2)]
 
 
 async def test_full_queue_answers_503(dsn, db_conn, company):

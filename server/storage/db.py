@@ -17,6 +17,9 @@ UNAVAILABLE_ERRORS = (
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A connection that the server closed (e.g. shutting down) while asyncpg was between
+    # two of its messages refuses the next statement with this: the connection is lost.
+    asyncpg.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
