@@ -142,50 +142,49 @@ def read_status(pid: int) -> dict[str, int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time a process has used so far."""
+def _stat_fields(pid: int | str) -> tuple[str, list[str]] | None:
+    """A process's name and the fields of /proc/PID/stat after it (None: it is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             text = stat.read()
     except OSError:
         return None
-    after_comm = text[text.rfind(")") + 2 :].split()
-    return (int(after_comm[11]) + int(after_comm[12])) / os.sysconf("SC_CLK_TCK")
+    # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+    return text[text.find("(") + 1 : text.rfind(")")], text[text.rfind(")") + 2 :].split()
+
+
+def _every_process():
+    """(pid, name, stat fields after the name) of every running process."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (found := _stat_fields(entry)) is not None:
+            yield int(entry), *found
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a process has used so far."""
+    found = _stat_fields(pid)
+    if found is None:
+        return None
+    fields_after_comm = found[1]
+    return (int(fields_after_comm[11]) + int(fields_after_comm[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def postgres_cpu_seconds() -> float:
     """CPU time of every PostgreSQL process, and of the backends they have reaped."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                text = stat.read()
-        except OSError:
-            continue
-        if text[text.find("(") + 1 : text.rfind(")")] != "postgres":
-            continue
-        after_comm = text[text.rfind(")") + 2 :].split()
-        total += sum(int(value) for value in after_comm[11:15])
+    total = sum(
+        sum(int(value) for value in fields_after_comm[11:15])
+        for _, name, fields_after_comm in _every_process()
+        if name == "postgres"
+    )
     return total / os.sysconf("SC_CLK_TCK")
 
 
 def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                text = stat.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
-        fields_after_comm = text[text.rfind(")") + 2 :].split()
-        if len(fields_after_comm) > 1 and int(fields_after_comm[1]) == pid:
-            found.append(int(entry))
-    return found
+    return [
+        child
+        for child, _, fields_after_comm in _every_process()
+        if len(fields_after_comm) > 1 and int(fields_after_comm[1]) == pid
+    ]
 
 
 def http_json(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 5) -> tuple[int, dict]:
