@@ -5,6 +5,7 @@ decodes the JSON body, identifies the caller, runs the endpoint and wraps what i
 (or the error it raised) in the envelope.
 """
 
+import functools
 import logging
 import re
 import traceback
@@ -33,7 +34,7 @@ METHODS = frozenset({"GET", "POST", "PUT"})
 _PATH = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<endpoint>[A-Za-z_][\w]*\.[A-Za-z_][\w]*)/?$")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
     """One API call as an endpoint sees it."""
 
@@ -55,6 +56,7 @@ def _version_tuple(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+@functools.lru_cache(maxsize=64)
 def _actual_version(requested: str) -> str:
     return min(requested, API_VERSION, key=_version_tuple)
 
