@@ -31,9 +31,9 @@ ON CONFLICT (company, worker) DO UPDATE SET
 
 # Part of the batching writer's statement: `$1` is a jsonb array of one entry per
 # (company, worker), sorted by that key so that concurrent writers lock rows in the same
-# order. A report refreshes a live registration;
-# an unknown or expired one is (re)created with the report's timeout. queues/tags/
-# system_tags are null in an entry when the report did not send them: kept as they are.
+# order. A report refreshes a live registration; an unknown or expired one is (re)created
+# with the report's timeout. queues/tags/system_tags are null in an entry when the report
+# did not send them: kept as they are.
 REPORTS_UPSERT = f"""
 INSERT INTO worker_registrations AS w ({_COLUMNS})
 SELECT r.company, r.worker, r.user_id, r.ip, now(), r.timeout, now(), now(),

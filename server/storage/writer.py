@@ -4,8 +4,8 @@ Handlers hand each validated report to `ReportWriter.write`, which returns only 
 transaction holding it has committed. One task, holding its own connection, takes up to
 `batch_size` queued reports (waiting `max_delay` for more when fewer are queued) and
 stores them with one statement: the registration upserts, the new metric keys and the
-report rows, each passed as one jsonb array. A report that was answered
-200 is therefore stored; one that was not stored is answered 503 (the daemon retries).
+report rows, each passed as one jsonb array. A report that was answered 200 is therefore
+stored; one that was not stored is answered 503 (the daemon retries).
 
 Several such tasks (`connections`) take batches in turn, so that one batch is being built
 and answered while another is in the database; a batch is taken as soon as a task is free
