@@ -1,7 +1,7 @@
 """Status-report ingest benchmark: the real server against the bare-handler ceiling.
 
     bench/run.sh [--processes 1] [--rounds 3] [--seconds 10] [--connections 64]
-                 [--workers 2000] [--fault]
+                 [--workers 2000] [--fault] [--url URL]
 
 (`bench/run.sh` prepares the venv, wrk and the local database, then runs
 `python -m bench.ingest` with the same arguments.)
@@ -10,9 +10,10 @@ Against the database in WORKERS_DB_DSN (default: the local cluster of
 scripts/local-timescaledb.sh, started if it is not running), it:
 
 1. creates a fresh company's credentials (`python -m server credentials create`);
-2. starts the real server (`python -m server serve`) and the bare server
-   (`python -m bench.bare_app`: parse the JSON, answer the envelope, store nothing) on free
-   loopback ports with the same process count and gunicorn machinery;
+2. starts the real server (`python -m server serve`; with --url, uses the one already
+   running there, on the same database) and the bare server (`python -m bench.bare_app`:
+   parse the JSON, answer the envelope, store nothing) on free loopback ports with the
+   same process count and gunicorn machinery;
 3. logs in (auth.login, Basic) for a token and registers the fleet of N workers;
 4. runs `wrk -t1 -c{connections} --latency -s bench/report.lua` rounds, alternating bare
    and real, each on its own range of report indices, while sampling the memory of every
@@ -42,6 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -56,6 +58,7 @@ LUA_SCRIPT = ROOT / "bench" / "report.lua"
 LOCAL_DB_SCRIPT = ROOT / "scripts" / "local-timescaledb.sh"
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:55432/workers"
 HOST = "127.0.0.1"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 # The report shapes and values of bench/report.lua (keep the two in step).
 CORES = (4, 8, 16)
@@ -187,6 +190,32 @@ def children_of(pid: int) -> list[int]:
     ]
 
 
+def listening_processes(port: int) -> list[int]:
+    """Processes of this machine holding a TCP socket that listens on `port`, and their
+    common parent when they share one (gunicorn's master, with one socket per worker)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                columns = line.split()
+                if int(columns[1].rsplit(":", 1)[1], 16) == port and columns[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{columns[9]}]")
+    found = []
+    for pid, _, _ in _every_process():
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                found.append(pid)
+    parents = {int(fields_after_comm[1]) for _, _, fields_after_comm in map(_stat_of, found) if fields_after_comm}
+    if len(found) > 1 and len(parents) == 1 and (parent := parents.pop()) not in found and parent > 1:
+        found.insert(0, parent)
+    return found
+
+
+def _stat_of(pid: int) -> tuple[int, str, list[str]]:
+    name, fields_after_comm = _stat_fields(pid) or ("", [])
+    return pid, name, fields_after_comm
+
+
 def http_json(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 5) -> tuple[int, dict]:
     request = urllib.request.Request(
         url, data=orjson.dumps(body or {}), headers={"Content-Type": "application/json", **(headers or {})}
@@ -265,6 +294,44 @@ class ServerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
         self._log.close()
+
+
+class RunningServer(ServerProcess):
+    """A server started elsewhere (--url): measured as it is, never started or stopped here.
+
+    Its processes, for memory and CPU, are those listening on its port on this machine
+    (none when it runs on another machine or in a container)."""
+
+    def __init__(self, url: str):
+        parsed = urllib.parse.urlsplit(url)
+        super().__init__("running", [], parsed.port or 80, {}, Path(os.devnull))
+        self._url = url.rstrip("/")
+        self._pids: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def start(self) -> None:
+        self._pids = listening_processes(self.port) if urllib.parse.urlsplit(self._url).hostname in LOOPBACK else []
+        for pid, _, fields_after_comm in map(_stat_of, self._pids):
+            parent = int(fields_after_comm[1]) if fields_after_comm else 0
+            self.roles[pid] = "worker" if parent in self._pids else "master"
+
+    def wait_ready(self, processes: int, timeout: float = 30) -> None:
+        try:
+            http_json(f"{self.url}/workers.get_count", {}, timeout=timeout)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+            raise SystemExit(f"bench: no server answers at {self.url}: {error}") from None
+        workers = sum(1 for role in self.roles.values() if role == "worker") or len(self._pids)
+        if self._pids and workers != processes:
+            log(f"note: {workers} process(es) serve {self.url}; the bare ceiling runs with --processes {processes}")
+
+    def pids(self) -> list[int]:
+        return [pid for pid in self._pids if os.path.exists(f"/proc/{pid}")]
+
+    def stop(self, timeout: float = 45) -> None:
+        self.sample()
 
 
 class MemorySampler(threading.Thread):
@@ -673,6 +740,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument("--workers", type=int, default=2000, help="fleet size: distinct worker ids (default 2000)")
     parser.add_argument("--fault", action="store_true", help="add a round that stops and restarts the local database")
+    parser.add_argument(
+        "--url",
+        help="measure the server already running at this URL (on WORKERS_DB_DSN's database) instead of starting one",
+    )
     args = parser.parse_args(argv)
     for name in ("processes", "rounds", "seconds", "connections", "workers"):
         if getattr(args, name) < 1:
@@ -690,17 +761,24 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="workers-bench-"))
     company_name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    answer_timeout = float(os.environ.get("WORKERS_WRITER_ANSWER_TIMEOUT", FAULT_ANSWER_TIMEOUT if args.fault else 10))
+    # A server this run starts gets a shorter answer timeout for the fault round; one
+    # already running (--url) has its own (give it as WORKERS_WRITER_ANSWER_TIMEOUT).
+    answer_timeout = float(
+        os.environ.get("WORKERS_WRITER_ANSWER_TIMEOUT", FAULT_ANSWER_TIMEOUT if args.fault and not args.url else 10)
+    )
     server_env = {**os.environ, "WORKERS_DB_DSN": dsn, "PYTHONUNBUFFERED": "1"}
     if args.fault:
         server_env["WORKERS_WRITER_ANSWER_TIMEOUT"] = f"{answer_timeout:g}"
     real_port, bare_port = free_port(), free_port()
-    real = ServerProcess(
-        "real",
-        [sys.executable, "-m", "server", "serve", "--host", HOST, "--port", str(real_port),
-         "--processes", str(args.processes)],
-        real_port, server_env, workdir / "server.log",
-    )  # fmt: skip
+    if args.url:
+        real = RunningServer(args.url)
+    else:
+        real = ServerProcess(
+            "real",
+            [sys.executable, "-m", "server", "serve", "--host", HOST, "--port", str(real_port),
+             "--processes", str(args.processes)],
+            real_port, server_env, workdir / "server.log",
+        )  # fmt: skip
     bare = ServerProcess(
         "bare",
         [sys.executable, "-m", "bench.bare_app", "--host", HOST, "--port", str(bare_port),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The status-report ingest benchmark, in one command (see bench/ingest.py):
 #
-#   bench/run.sh [--processes N] [--rounds 3] [--seconds 10] [--connections 64] [--workers 2000] [--fault]
+#   bench/run.sh [--processes N] [--rounds 3] [--seconds 10] [--connections 64] [--workers 2000] [--fault] [--url URL]
 #
 # Sets up .venv, installs wrk if it is missing (apt-get), starts the local TimescaleDB
 # unless WORKERS_DB_DSN names a database, then runs python -m bench.ingest.
