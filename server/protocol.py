@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+import asyncpg
 import orjson
 from aiohttp import web
 
@@ -131,11 +132,19 @@ async def dispatch(request: web.Request) -> web.Response:
         except web.HTTPRequestEntityTooLarge:
             limit = request.app[SETTINGS].max_body_bytes
             raise ApiError(errors.BODY_TOO_LARGE, f"request body is larger than {limit} bytes") from None
+        except web.RequestPayloadError as error:  # e.g. a Content-Encoding it is not in
+            raise ApiError(errors.VALIDATION_ERROR, f"Validation error: unreadable request body: {error}") from None
         identity = await auth.identify(request)
         data = await endpoint(Call(endpoint_name, decode_body(raw), identity, request))
         return envelope(endpoint_name, version, data)
     except ApiError as error:
         return envelope(endpoint_name, version, {}, (error.result_code, error.result_subcode), error.message)
+    except asyncpg.ForeignKeyViolationError:
+        # Only a valid token for a company deleted since (or from a recreated database with
+        # the same WORKERS_AUTH_SECRET) can name a company that does not exist.
+        return envelope(
+            endpoint_name, version, {}, errors.INVALID_TOKEN, "Invalid token: its company no longer exists"
+        )
     except UNAVAILABLE_ERRORS as error:
         log.warning("database unavailable during %s: %r", endpoint_name, error)
         return envelope(

@@ -112,6 +112,8 @@ class LastSeen(fields.Field):
 
 # Exact types: bool (a subclass of int) is not a number here. orjson makes no subclasses.
 _NUMBER_TYPES = frozenset((int, float))
+# Larger magnitudes would overflow PostgreSQL's avg() (it sums squares) in get_stats.
+MAX_METRIC_MAGNITUDE = 1e100
 _VARIANT_NAMES = tuple(str(index) for index in range(256))
 
 
@@ -126,6 +128,7 @@ class MachineStats(fields.Field):
         "type": "Must be an object of metric keys to numbers or lists of numbers.",
         "key": "Metric keys must be non-empty strings of at most 512 characters without NUL.",
         "value": "Value of '{metric}' must be a number or a list of numbers.",
+        "range": "Values of '{metric}' must be between -1e100 and 1e100.",
     }
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -137,10 +140,14 @@ class MachineStats(fields.Field):
                 raise self.make_error("key")
             kind = type(sample)
             if kind in _NUMBER_TYPES:
+                if abs(sample) > MAX_METRIC_MAGNITUDE:
+                    raise self.make_error("range", metric=key)
                 metrics[key] = {"total": sample}
             elif kind is list:
                 # The usual list (numbers only) is checked and mapped to variants in C.
                 if set(map(type, sample)) <= _NUMBER_TYPES and len(sample) <= len(_VARIANT_NAMES):
+                    if sample and max(map(abs, sample)) > MAX_METRIC_MAGNITUDE:
+                        raise self.make_error("range", metric=key)
                     variants = dict(zip(_VARIANT_NAMES, sample))
                 else:
                     variants = self._variants(key, sample)
@@ -157,6 +164,8 @@ class MachineStats(fields.Field):
                 continue
             if type(item) not in _NUMBER_TYPES:
                 raise self.make_error("value", metric=key)
+            if abs(item) > MAX_METRIC_MAGNITUDE:
+                raise self.make_error("range", metric=key)
             variants[str(index)] = item
         return variants
 

@@ -43,7 +43,7 @@ def _docker_engine_running() -> bool:
     return True
 
 
-def _with_database(dsn: str, database: str) -> str:
+def with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path=f"/{database}"))
 
@@ -85,7 +85,7 @@ def database_dsn():
         [str(ROOT / "scripts" / "local-timescaledb.sh"), "start"], check=True, stdout=subprocess.PIPE, text=True
     )
     admin_dsn = started.stdout.strip().splitlines()[-1]
-    dsn = _with_database(admin_dsn, os.environ.get("WORKERS_TEST_DATABASE", "workers_test"))
+    dsn = with_database(admin_dsn, os.environ.get("WORKERS_TEST_DATABASE", "workers_test"))
     asyncio.run(_recreate_database(admin_dsn, urlsplit(dsn).path.lstrip("/")))
     asyncio.run(_migrate(dsn))
     yield dsn

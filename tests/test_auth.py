@@ -178,6 +178,22 @@ async def test_forged_tokens_are_401_30(anonymous, forge):
     assert (await call(anonymous, "workers.get_count", {}, headers=bearer(token)))[:2] == (401, 30)
 
 
+@pytest.mark.parametrize(
+    "endpoint, body",
+    [
+        ("workers.register", {"worker": "w1"}),
+        ("workers.status_report", {"worker": "w1", "timestamp": now_ms(), "machine_stats": {"cpu_usage": 1}}),
+    ],
+)
+async def test_token_of_a_company_that_no_longer_exists_is_401_30(anonymous, db_conn, endpoint, body):
+    # Signed with the server's key, so valid, but for a company deleted since it was issued.
+    ghost = valid_claims(anonymous, identity={"company": "deleted-company", "user": "u", "role": "user"})
+    before = await table_snapshot(db_conn)
+    code, subcode, message, _ = await call(anonymous, endpoint, body, headers=bearer(token_signed(anonymous, ghost)))
+    assert (code, subcode) == (401, 30), message
+    assert await table_snapshot(db_conn) == before
+
+
 async def test_tampered_claims_break_the_signature(anonymous):
     token = await login(anonymous, basic(anonymous.credentials))
     header, payload, signature = token.split(".")

@@ -163,6 +163,15 @@ async def test_body_under_the_limit_is_accepted(make_client):
     assert await ok(client, COUNT) == {"count": 1}
 
 
+async def test_body_not_in_its_content_encoding_is_a_validation_error(client, db_conn):
+    before = await table_snapshot(db_conn)
+    raw = orjson.dumps({"worker": "w1"})
+    code, subcode, message, data = await call(client, "workers.register", raw=raw, headers={"Content-Encoding": "gzip"})
+    assert (code, subcode, data) == (400, 12, {})
+    assert "body" in message
+    assert await table_snapshot(db_conn) == before
+
+
 # --- unexpected errors ------------------------------------------------------------------------
 
 

@@ -120,6 +120,10 @@ TOO_LARGE = [
     # beyond PostgreSQL's largest interval (about 178 million years)
     ("workers.get_stats", {**STATS, "to_date": NOW + DAY, "interval": 10**17}, "interval"),
     ("workers.get_activity_report", {**ACTIVITY, "to_date": NOW + DAY, "interval": 10**17}, "interval"),
+    # values whose squares would overflow PostgreSQL's avg() in get_stats
+    ("workers.status_report", report(machine_stats={"cpu_usage": 1.7e308}), "cpu_usage"),
+    ("workers.status_report", report(machine_stats={"gpu_usage": [1, -1e101]}), "gpu_usage"),
+    ("workers.status_report", report(machine_stats={"gpu_usage": [None, 2e200]}), "gpu_usage"),
 ]
 
 
@@ -214,6 +218,16 @@ async def test_number_too_large_is_a_validation_error(client, db_conn, seeded, e
     code, subcode, message = await rejected(client, db_conn, endpoint, body)
     assert (code, subcode) == INVALID, message
     assert names(field, message), message
+
+
+async def test_values_at_the_largest_magnitude_are_stored_and_aggregated(client):
+    start = int(time.time()) // 10 * 10 - 100
+    for offset, value in ((1, 1e100), (2, -1e100), (3, 1e100)):
+        await ok(client, "workers.status_report", report(timestamp=start + offset, machine_stats={"big": [value]}))
+    body = {"from_date": start, "to_date": start + 20, "interval": 10}
+    for aggregation, expected in (("avg", pytest.approx(1e100 / 3)), ("max", 1e100), ("min", -1e100)):
+        data = await ok(client, "workers.get_stats", {**body, "items": [{"key": "big", "aggregation": aggregation}]})
+        assert data["workers"][0]["metrics"][0]["stats"][0]["values"][0] == expected
 
 
 async def test_negative_register_timeout_fails_registration(client, db_conn, seeded):

@@ -3,10 +3,12 @@
 import asyncio
 import socket
 import time
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from helpers import call, now_ms, ok
+from conftest import with_database
+from helpers import basic_auth, call, now_ms, ok
 
 from server.errors import ApiError
 from server.storage import tenants
@@ -228,3 +230,39 @@ async def test_status_report_answers_503_when_the_database_is_down(client, db_co
     assert "retry" in message
     assert await db_conn.fetchval("SELECT count(*) FROM worker_stats") == 0
     await ok(client, "workers.get_count", {})
+
+
+async def test_a_database_refusing_connections_answers_503_then_recovers(make_client, dsn, db_conn):
+    # As during maintenance: the database exists but takes no connections (SQLSTATE 55000).
+    database = urlsplit(dsn).path.lstrip("/")
+    admin = await asyncpg.connect(with_database(dsn, "postgres"))
+    client = await make_client(authenticated=False)
+    caller = client.credentials
+    token = (await ok(client, "auth.login", headers={"Authorization": basic_auth(caller.access_key, caller.secret)}))[
+        "token"
+    ]
+    bearer = {"Authorization": f"Bearer {token}"}
+    report = {"worker": "w1", "timestamp": now_ms(), "machine_stats": {"cpu_usage": 5}}
+    await ok(client, "workers.status_report", report, headers=bearer)
+    allow = f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {{}}'
+    await admin.execute(allow.format("false"))
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> $2",
+            database,
+            db_conn.get_server_pid(),
+        )
+        await asyncio.sleep(0.2)
+        for endpoint, body in (
+            ("workers.get_all", {}),
+            ("workers.register", {"worker": "w2"}),
+            ("workers.status_report", {**report, "timestamp": now_ms()}),
+        ):
+            code, _, message, _ = await call(client, endpoint, body, headers=bearer)
+            assert code == 503, (endpoint, message)
+    finally:
+        await admin.execute(allow.format("true"))
+        await admin.close()
+    await asyncio.sleep(1.2)  # the writer tries the database again after a second
+    await ok(client, "workers.status_report", {**report, "timestamp": now_ms()}, headers=bearer)
+    assert await db_conn.fetchval("SELECT count(*) FROM worker_stats") == 2

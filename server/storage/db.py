@@ -21,6 +21,9 @@ UNAVAILABLE_ERRORS = (
     # two of its messages refuses the next statement with this: the connection is lost.
     asyncpg.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
+    # SQLSTATE 55000, e.g. the database does not allow connections now (ALLOW_CONNECTIONS
+    # false during maintenance); 55P03: a lock not available.
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
 
