@@ -205,15 +205,16 @@ def listening_processes(port: int) -> list[int]:
         with contextlib.suppress(OSError):
             if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
                 found.append(pid)
-    parents = {int(fields_after_comm[1]) for _, _, fields_after_comm in map(_stat_of, found) if fields_after_comm}
+    parents = {parent_of(pid) for pid in found}
     if len(found) > 1 and len(parents) == 1 and (parent := parents.pop()) not in found and parent > 1:
         found.insert(0, parent)
     return found
 
 
-def _stat_of(pid: int) -> tuple[int, str, list[str]]:
-    name, fields_after_comm = _stat_fields(pid) or ("", [])
-    return pid, name, fields_after_comm
+def parent_of(pid: int) -> int:
+    """A process's parent (0: it is gone)."""
+    found = _stat_fields(pid)
+    return int(found[1][1]) if found else 0
 
 
 def http_json(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 5) -> tuple[int, dict]:
@@ -314,9 +315,8 @@ class RunningServer(ServerProcess):
 
     def start(self) -> None:
         self._pids = listening_processes(self.port) if urllib.parse.urlsplit(self._url).hostname in LOOPBACK else []
-        for pid, _, fields_after_comm in map(_stat_of, self._pids):
-            parent = int(fields_after_comm[1]) if fields_after_comm else 0
-            self.roles[pid] = "worker" if parent in self._pids else "master"
+        for pid in self._pids:
+            self.roles[pid] = "worker" if parent_of(pid) in self._pids else "master"
 
     def wait_ready(self, processes: int, timeout: float = 30) -> None:
         try:
