@@ -6,19 +6,21 @@
     python -m server credentials ensure --file FILE --company NAME [--user NAME]
     python -m server credentials list
     python -m server credentials revoke ACCESS_KEY
+    python -m server rollups refresh [--since TIME]
 """
 
 import argparse
 import asyncio
 import logging
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import asyncpg
-from . import auth, serving
+from . import auth, background, serving
 from .app import create_app
 from .config import Settings
-from .storage import credentials, db, tenants
+from .storage import credentials, db, rollups, tenants
 
 DEFAULT_USER_NAME = "admin"
 
@@ -127,6 +129,37 @@ async def revoke_credentials(settings: Settings, args) -> int:
     return 0
 
 
+def _moment(text: str) -> float:
+    """Epoch seconds, from epoch seconds or an ISO-8601 date-time (UTC unless it says)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not epoch seconds nor an ISO-8601 date-time: {text!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+async def refresh_rollups(settings: Settings, args) -> int:
+    """Bring every rollup tier up to date now (all of it since --since, after a bulk import)."""
+    conn = await _connect(settings)
+    try:
+        if args.since is not None:
+            await rollups.invalidate_since(conn, args.since)
+    finally:
+        await conn.close()
+    steps = await background.refresh_rollups(settings.db_dsn, settings)
+    if steps is None:
+        print("another process is refreshing the rollups; try again", file=sys.stderr)
+        return 1
+    watermark = datetime.fromtimestamp(steps[-1].new_watermark, timezone.utc).isoformat()
+    rebuilt = sum(step.regions for step in steps)
+    print(f"rollups up to date to {watermark} ({len(steps)} step(s), {rebuilt} region(s) rebuilt)")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m server", description="Workers telemetry service.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +187,17 @@ def _parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke an access key: it stops working at once")
     revoke.add_argument("access_key")
     revoke.set_defaults(action=revoke_credentials)
+
+    tiers = commands.add_parser("rollups", help="the rollup tiers of the statistics").add_subparsers(
+        dest="rollups_command", required=True
+    )
+    refresh = tiers.add_parser("refresh", help="bring every rollup tier up to date now")
+    refresh.add_argument(
+        "--since",
+        type=_moment,
+        help="first rebuild everything from this time on (epoch seconds or ISO-8601): after a bulk import",
+    )
+    refresh.set_defaults(action=refresh_rollups)
     return parser
 
 

@@ -1,18 +1,20 @@
-"""Periodic work: the expiry sweep of registrations and the retention of statistics.
+"""Periodic work: the expiry sweep of registrations, the refresh of the rollups and the
+retention of statistics.
 
-Every server process runs both. The sweep is one idempotent DELETE, so concurrent sweeps
-are harmless; retention takes a transaction-scoped advisory lock so that one process at a
-time drops chunks, and the others skip that round.
+Every server process runs all three. The sweep is one idempotent DELETE, so concurrent
+sweeps are harmless; the refresh and retention each take an advisory lock so that one
+process (or host) at a time does the work, and the others skip that round.
 """
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 import asyncpg
 
 from .config import Settings
-from .storage import registrations, statistics
+from .storage import registrations, rollups, statistics
 from .storage.db import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -27,15 +29,32 @@ async def sweep_expired(pool: asyncpg.Pool) -> int:
     return deleted
 
 
-async def apply_retention(pool: asyncpg.Pool, days: float) -> int | None:
-    """Drop statistics older than `days`; None when another process is doing it."""
+async def apply_retention(pool: asyncpg.Pool, retention: rollups.Retention) -> int | None:
+    """Drop the chunks of every tier past its retention; None when another process is doing it."""
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK):
             return None
-        dropped = await statistics.drop_older_than(conn, days)
+        longest = max(retention.raw_days, *retention.tier_days.values())
+        dropped = await statistics.drop_older_than(conn, retention.raw_days, longest)
+        dropped += await rollups.drop_older_than(conn, retention)
     if dropped:
-        log.info("retention dropped %d statistics chunks older than %g days", dropped, days)
+        log.info("retention dropped %d statistics chunks", dropped)
     return dropped
+
+
+async def refresh_rollups(dsn: str, settings: Settings) -> list[rollups.RefreshResult] | None:
+    """Bring the rollups up to date on a connection of its own (no statement timeout: a
+    refresh after a long outage or a bulk import may take minutes)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        steps = await rollups.refresh(conn, settings.retention, lag=settings.rollup_lag_seconds)
+    finally:
+        await conn.close()
+    for step in steps or ():
+        if step.invalidations or step.new_watermark - step.old_watermark > 600:
+            watermark = datetime.fromtimestamp(step.new_watermark, timezone.utc).isoformat()
+            log.info("rollups refreshed to %s: %d invalidations, %d regions", watermark, step.invalidations, step.regions)
+    return steps
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable], name: str) -> None:
@@ -58,9 +77,13 @@ def start(pool: asyncpg.Pool, settings: Settings) -> list[asyncio.Task]:
         asyncio.create_task(
             _every(
                 settings.retention_sweep_seconds,
-                lambda: apply_retention(pool, settings.stats_retention_days),
+                lambda: apply_retention(pool, settings.retention),
                 "statistics retention",
             ),
             name="statistics-retention",
+        ),
+        asyncio.create_task(
+            _every(settings.rollup_refresh_seconds, lambda: refresh_rollups(settings.db_dsn, settings), "rollup refresh"),
+            name="rollup-refresh",
         ),
     ]

@@ -3,6 +3,8 @@
 import os
 from dataclasses import dataclass, fields
 
+from .storage.rollups import Retention
+
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:55432/workers"
 
 
@@ -31,8 +33,17 @@ class Settings:
     # Statistics
     min_chart_interval: int = 40
     max_chart_buckets: int = 10_000
-    stats_retention_days: float = 30.0
+    read_from_rollups: bool = True  # false: charts read raw reports only (for comparison)
+    raw_read_budget_worker_hours: float = 12.0
+    read_timeout_seconds: float = 30.0
+    # Retention of each tier, and the rollups' refresh
+    raw_retention_days: float = 7.0
+    rollup_1m_retention_days: float = 30.0
+    rollup_10m_retention_days: float = 90.0
+    rollup_1h_retention_days: float = 400.0
     retention_sweep_seconds: float = 3600.0
+    rollup_refresh_seconds: float = 30.0
+    rollup_lag_seconds: float = 60.0
     # Request handling
     max_body_bytes: int = 1024 * 1024
     debug: bool = False
@@ -46,6 +57,17 @@ class Settings:
     writer_max_delay_ms: float = 0.0
     writer_queue_limit: int = 10_000
     writer_answer_timeout: float = 10.0
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(
+            raw_days=self.raw_retention_days,
+            tier_days={
+                "1m": self.rollup_1m_retention_days,
+                "10m": self.rollup_10m_retention_days,
+                "1h": self.rollup_1h_retention_days,
+            },
+        )
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Settings":

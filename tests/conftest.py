@@ -25,12 +25,19 @@ from server.storage import credentials, db, tenants
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMESCALEDB_IMAGE = "timescale/timescaledb:2.19.3-pg17"
-TABLES = "worker_registrations, worker_stats, worker_metric_keys, credentials, users, companies"
+TABLES = (
+    "worker_registrations, worker_stats, worker_metric_keys, credentials, users, companies, rollup_invalidations, "
+    "stats_1m, stats_10m, stats_1h, activity_1m, activity_10m, activity_1h"
+)
 
 # Settings the tests run the server with unless a test says otherwise: charts without the
 # 40 s floor so that buckets can be small, a fast expiry sweep, and a retention long enough
 # for reports at fixed past times (the retention sweep runs when a server starts).
-TEST_SETTINGS = {"min_chart_interval": 1, "expiry_sweep_seconds": 0.2, "stats_retention_days": 100_000}
+TEST_SETTINGS = {
+    "min_chart_interval": 1,
+    "expiry_sweep_seconds": 0.2,
+    **{f"{tier}_retention_days": 100_000 for tier in ("raw", "rollup_1m", "rollup_10m", "rollup_1h")},
+}
 
 
 def _docker_engine_running() -> bool:

@@ -164,8 +164,8 @@ async def test_agent_registers_reports_and_unregisters(make_client, agent_env, d
     [series] = chart["workers"]
     charted = {(m["metric"], m["variant"]): dict(zip(m["dates"], m["stats"][0]["values"])) for m in series["metrics"]}
     for second, body in zip(seconds, with_stats):
-        assert charted[("memory_used", "total")][second] == body["machine_stats"]["memory_used"]
-        assert charted[("cpu_usage", "0")][second] == body["machine_stats"]["cpu_usage"][0]
+        assert charted[("memory_used", "total")][second * 1000] == body["machine_stats"]["memory_used"]
+        assert charted[("cpu_usage", "0")][second * 1000] == body["machine_stats"]["cpu_usage"][0]
 
     await send(session, agent_workers.UnregisterRequest(worker=WORKER))
     result = await send(session, agent_workers.GetAllRequest(last_seen=0))

@@ -30,9 +30,20 @@ async def points(db_conn, columns: str = "metric, variant, value") -> list[tuple
     return [tuple(row) for row in rows]
 
 
+def in_seconds(dates: list[int]) -> list[int]:
+    """Answer dates are milliseconds (SPEC §2); the expectations below are in seconds."""
+    assert all(isinstance(date, int) and date > 10**11 and date % 1000 == 0 for date in dates), dates
+    return [date // 1000 for date in dates]
+
+
 async def get_stats(client, from_date, to_date, interval, items, **fields) -> dict:
+    """get_stats data, its dates in seconds."""
     body = {"from_date": from_date, "to_date": to_date, "interval": interval, "items": items, **fields}
-    return await ok(client, "workers.get_stats", body)
+    data = await ok(client, "workers.get_stats", body)
+    for worker in data["workers"]:
+        for entry in worker["metrics"]:
+            entry["dates"] = in_seconds(entry["dates"])
+    return data
 
 
 def series(data: dict) -> dict:
@@ -50,8 +61,12 @@ def series(data: dict) -> dict:
 
 
 async def activity(client, from_date, to_date, interval) -> dict:
+    """get_activity_report data, its dates in seconds."""
     body = {"from_date": from_date, "to_date": to_date, "interval": interval}
-    return await ok(client, "workers.get_activity_report", body)
+    data = await ok(client, "workers.get_activity_report", body)
+    for series_name in ("total", "active"):
+        data[series_name]["dates"] = in_seconds(data[series_name]["dates"])
+    return data
 
 
 # --- status_report: what is stored ------------------------------------------------------
@@ -120,10 +135,22 @@ async def test_millisecond_timestamp_is_stored_at_its_time(client, db_conn):
     assert await points(db_conn, "time, value") == [(utc(BASE + 1.5), 1.0)]
 
 
-async def test_millisecond_reports_are_charted_in_seconds(client):
+async def test_millisecond_reports_are_charted_at_their_time(client):
     await report(client, "w1", (BASE + 70) * 1000, {"memory_used": 4})
     data = await get_stats(client, BASE, BASE + 120, 60, [{"key": "memory_used"}])
     assert series(data) == {("w1", "memory_used", None): {"dates": [BASE, BASE + 60], "avg": [0, 4]}}
+
+
+async def test_chart_dates_are_milliseconds_and_request_times_seconds(client):
+    """What the reference server answers and its web UI reads (SPEC §2)."""
+    await report(client, "w1", BASE + 70, {"memory_used": 4})
+    body = {"from_date": BASE, "to_date": BASE + 120, "interval": 60, "items": [{"key": "memory_used"}]}
+    stats = await ok(client, "workers.get_stats", body)
+    assert stats["workers"][0]["metrics"][0]["dates"] == [BASE * 1000, (BASE + 60) * 1000]
+    body = {"from_date": BASE, "to_date": BASE + 120, "interval": 60}
+    data = await ok(client, "workers.get_activity_report", body)
+    assert data["total"] == {"dates": [BASE * 1000, (BASE + 60) * 1000], "counts": [0, 1]}
+    assert data["active"]["dates"] == data["total"]["dates"]
 
 
 # --- get_metric_keys ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from helpers import now_ms, ok
 from server import background
 from server.keys import POOL
 from server.storage import db
+from server.storage.rollups import Retention
 
 DAY = 24 * 3600
 
@@ -75,7 +76,8 @@ async def test_retention_drops_old_statistics_and_metric_keys(client, db_conn):
     old = (time.time() - 40 * DAY) * 1000
     await ok(client, "workers.status_report", {"worker": "w1", "timestamp": old, "machine_stats": {"disk_read": 1}})
     await ok(client, "workers.status_report", {"worker": "w1", "timestamp": now_ms(), "machine_stats": {"cpu_usage": 2}})
-    dropped = await background.apply_retention(client.app[POOL], days=30)
+    retention = Retention(raw_days=30, tier_days={"1m": 30, "10m": 30, "1h": 30})
+    dropped = await background.apply_retention(client.app[POOL], retention)
     assert dropped >= 1
     rows = await db_conn.fetch("SELECT metric FROM worker_stat_points")
     assert [row["metric"] for row in rows] == ["cpu_usage"]

@@ -1,6 +1,7 @@
 """The eight `workers.*` endpoints (SPEC §2): validate the body, call storage, shape the answer."""
 
 import math
+import time
 from collections import defaultdict
 from datetime import datetime
 
@@ -8,7 +9,7 @@ from .. import errors, schemas
 from ..errors import ApiError
 from ..keys import POOL, WRITER
 from ..protocol import Call, client_ip
-from ..storage import registrations, statistics
+from ..storage import charts, registrations, rollups, statistics
 from ..storage.registrations import WorkerFilter
 from ..storage.writer import Report
 
@@ -139,28 +140,47 @@ async def get_metric_keys(call: Call) -> dict:
     }
 
 
-def _chart_buckets(body: dict, call: Call) -> tuple[int, list[int]]:
-    """The effective interval and the start of every bucket to return (SPEC §2, get_stats).
-
-    Buckets are aligned to the epoch, run from the one holding from_date to the one holding
-    to_date, and the last is dropped when it starts later than to_date - 0.9 * interval.
-    """
-    from_date, to_date = body["from_date"], body["to_date"]
-    if from_date >= to_date:
-        raise ApiError(errors.INVALID_FIELD_VALUES, "Invalid field values: from_date must be less than to_date")
-    interval = max(body["interval"], call.settings.min_chart_interval)
+def _bucket_starts(from_date: float, to_date: float, interval: int, limit: int) -> list[int]:
+    """The start of every bucket to return (SPEC §2, get_stats): aligned to the epoch, from
+    the one holding from_date to the one holding to_date, the last dropped when it starts
+    later than to_date - 0.9 * interval."""
     first = math.floor(from_date / interval) * interval
     last = math.floor(to_date / interval) * interval
     if last > to_date - 0.9 * interval:
         last -= interval
     count = (last - first) // interval + 1
-    if count > call.settings.max_chart_buckets:
+    if count > limit:
         raise ApiError(
             errors.INVALID_FIELD_VALUES,
             f"Invalid field values: {count} buckets of {interval} s requested, "
-            f"the limit is {call.settings.max_chart_buckets}: use a larger interval or a shorter range",
+            f"the limit is {limit} (WORKERS_MAX_CHART_BUCKETS): use a larger interval or a shorter range",
         )
-    return interval, list(range(first, last + 1, interval))
+    return list(range(first, last + 1, interval))
+
+
+async def _chart(call: Call, body: dict, worker_ids: list[str]) -> tuple[int, list[int], list[charts.Segment]]:
+    """The effective interval, the buckets, and the sources that serve them (storage/charts.py)."""
+    from_date, to_date = body["from_date"], body["to_date"]
+    if from_date >= to_date:
+        raise ApiError(errors.INVALID_FIELD_VALUES, "Invalid field values: from_date must be less than to_date")
+    settings, pool = call.settings, call.request.app[POOL]
+    interval = max(body["interval"], settings.min_chart_interval)
+    now = time.time()
+    if settings.read_from_rollups:
+        raw_affordable = True
+        if interval % charts.FINEST_TIER_SECONDS:
+            workers = len(worker_ids) or await registrations.count(pool, call.identity.company, WorkerFilter())
+            raw_affordable = (to_date - from_date) / 3600 * max(workers, 1) <= settings.raw_read_budget_worker_hours
+        interval = charts.choose_interval(interval, from_date, now, settings.retention, raw_affordable)
+    buckets = _bucket_starts(from_date, to_date, interval, settings.max_chart_buckets)
+    if not buckets:
+        return interval, buckets, []
+    end = buckets[-1] + interval
+    if not settings.read_from_rollups:
+        return interval, buckets, [charts.Segment(charts.RAW, from_date, min(to_date + charts.RESOLUTION, end))]
+    low, high = charts.read_range(from_date, to_date, buckets[0], end, now, settings.retention)
+    exact_before = await rollups.read_watermark(pool, call.identity.company)
+    return interval, buckets, charts.segments(low, high, interval, exact_before)
 
 
 def _variant_order(variant: str | None):
@@ -169,20 +189,20 @@ def _variant_order(variant: str | None):
 
 async def get_stats(call: Call) -> dict:
     body = schemas.load(schemas.stats_request, call.body)
-    interval, buckets = _chart_buckets(body, call)
+    worker_ids = body.get("worker_ids", [])
+    interval, buckets, pieces = await _chart(call, body, worker_ids)
     aggregations: dict[str, list[str]] = {}
     for item in body["items"]:
         wanted = aggregations.setdefault(item["key"], [])
         if item["aggregation"] not in wanted:
             wanted.append(item["aggregation"])
-    rows = await statistics.aggregate(
+    rows = await charts.stats(
         call.request.app[POOL],
         call.identity.company,
-        from_date=body["from_date"],
-        to_date=body["to_date"],
+        pieces,
         interval=interval,
         metrics=list(aggregations),
-        worker_ids=body.get("worker_ids", []),
+        worker_ids=worker_ids,
         split_by_variant=body["split_by_variant"],
     )
     # worker -> (metric, variant) -> bucket -> row
@@ -190,6 +210,7 @@ async def get_stats(call: Call) -> dict:
     for row in rows:
         series[row["worker"]][(row["metric"], row["variant"])][row["bucket"]] = row
     metric_order = {metric: index for index, metric in enumerate(aggregations)}
+    dates = [bucket * 1000 for bucket in buckets]  # milliseconds, as the reference server answers
     workers = []
     for worker in sorted(series):
         metrics = []
@@ -198,7 +219,7 @@ async def get_stats(call: Call) -> dict:
             entry = {"metric": metric}
             if variant is not None:
                 entry["variant"] = variant
-            entry["dates"] = buckets
+            entry["dates"] = dates
             entry["stats"] = [
                 {
                     "aggregation": aggregation,
@@ -213,18 +234,13 @@ async def get_stats(call: Call) -> dict:
 
 async def get_activity_report(call: Call) -> dict:
     body = schemas.load(schemas.activity_request, call.body)
-    interval, buckets = _chart_buckets(body, call)
-    rows = await statistics.activity(
-        call.request.app[POOL],
-        call.identity.company,
-        from_date=body["from_date"],
-        to_date=body["to_date"],
-        interval=interval,
-    )
+    interval, buckets, pieces = await _chart(call, body, [])
+    rows = await charts.activity(call.request.app[POOL], call.identity.company, pieces, interval=interval)
     by_bucket = {row["bucket"]: row for row in rows}
+    dates = [bucket * 1000 for bucket in buckets]  # milliseconds, as the reference server answers
     return {
-        "total": {"dates": buckets, "counts": [by_bucket[b]["total"] if b in by_bucket else 0 for b in buckets]},
-        "active": {"dates": buckets, "counts": [by_bucket[b]["active"] if b in by_bucket else 0 for b in buckets]},
+        "total": {"dates": dates, "counts": [by_bucket[b]["total"] if b in by_bucket else 0 for b in buckets]},
+        "active": {"dates": dates, "counts": [by_bucket[b]["active"] if b in by_bucket else 0 for b in buckets]},
     }
 
 

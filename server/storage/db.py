@@ -28,12 +28,22 @@ UNAVAILABLE_ERRORS = (
 )
 
 
-async def create_pool(dsn: str, *, connect_timeout: float = 30.0) -> asyncpg.Pool:
-    """Open a pool, retrying while the database is still starting (as under docker compose)."""
+async def create_pool(dsn: str, *, statement_timeout: float = 30.0, connect_timeout: float = 30.0) -> asyncpg.Pool:
+    """Open a pool, retrying while the database is still starting (as under docker compose).
+
+    The database cancels a statement after `statement_timeout` seconds (a chart read too
+    heavy to answer); the client gives up a little later, when the server does not answer.
+    """
     deadline = asyncio.get_running_loop().time() + connect_timeout
     while True:
         try:
-            return await asyncpg.create_pool(dsn, min_size=1, max_size=10, command_timeout=60)
+            return await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=10,
+                command_timeout=statement_timeout + 30,
+                server_settings={"statement_timeout": str(int(statement_timeout * 1000))},
+            )
         except UNAVAILABLE_ERRORS as error:
             if asyncio.get_running_loop().time() >= deadline:
                 raise
@@ -58,6 +68,7 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
     nothing left to do. Returns the names of the files applied.
     """
     applied_now = []
+    await conn.execute("SET statement_timeout = 0")  # a migration may take long; RESET ALL on release
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATIONS_LOCK)
     try:
         await conn.execute(

@@ -5,15 +5,18 @@
 into one point per value for Grafana.
 """
 
-import asyncpg
 
 # Parts of the batching writer's statement: `$2` is a jsonb array of metric keys to
-# upsert, `$3` one of report rows.
-REPORTS_INSERT = """
-INSERT INTO worker_stats (time, company, worker, task, metrics)
-SELECT to_timestamp(r.time), r.company, r.worker, r.task, r.metrics
+# upsert, `$3` one of report rows (the CTE `reports`, read again by rollups.LATE_REPORTS_LOG).
+REPORTS_ROWS = """
+SELECT to_timestamp(r.time) AS time, r.company, r.worker, r.task, r.metrics
 FROM jsonb_to_recordset($3::jsonb) AS r (
     time double precision, company text, worker text, task text, metrics jsonb)
+"""
+
+REPORTS_INSERT = """
+INSERT INTO worker_stats (time, company, worker, task, metrics)
+SELECT time, company, worker, task, metrics FROM reports
 """
 
 METRIC_KEYS_UPSERT = """
@@ -26,80 +29,65 @@ ON CONFLICT (company, worker, metric) DO UPDATE
 SET last_reported = greatest(k.last_reported, EXCLUDED.last_reported)
 """
 
-_METRIC_KEYS = """
-SELECT DISTINCT metric FROM worker_metric_keys
-WHERE company = $1 AND (cardinality($2::text[]) = 0 OR worker = ANY($2::text[]))
-ORDER BY metric
+# Two statements rather than `cardinality($2) = 0 OR worker = ANY($2)`, whose generic
+# plan cannot use the index.
+_METRIC_KEYS = "SELECT DISTINCT metric FROM worker_metric_keys WHERE company = $1 ORDER BY metric"
+_METRIC_KEYS_OF_WORKERS = """
+SELECT DISTINCT metric FROM worker_metric_keys WHERE company = $1 AND worker = ANY($2::text[]) ORDER BY metric
 """
 
-# Buckets start at multiples of the interval since the UNIX epoch.
-_BUCKET = "time_bucket(make_interval(secs => $4), {time}, origin => 'epoch'::timestamptz)"
-_BUCKET_SECONDS = f"extract(epoch FROM {_BUCKET})::bigint"
+# The start (epoch seconds) of the bucket of `$2` seconds holding {time}; buckets start at
+# multiples of the interval since the UNIX epoch. Shared by every part of a chart read.
+BUCKET_SECONDS = "extract(epoch FROM time_bucket(make_interval(secs => $2), {time}, origin => 'epoch'::timestamptz))::bigint"
 
-# $1 company, $2/$3 from/to (epoch seconds), $4 interval seconds, $5 metrics,
-# $6 worker ids (empty: all), $7 split by variant.
-_AGGREGATE = f"""
-SELECT s.worker,
-       k.metric,
-       CASE WHEN $7::boolean THEN v.variant END AS variant,
-       {_BUCKET_SECONDS.format(time="s.time")} AS bucket,
-       min(v.value::double precision) AS min,
-       max(v.value::double precision) AS max,
-       avg(v.value::double precision) AS avg
+# Parts of a chart read (storage/charts.py): raw reports in [{low}, {high}) of company $1,
+# as partial aggregates per worker, metric ($3), variant and bucket ...
+_STATS_PART = f"""
+SELECT s.worker, k.metric, {{variant}} AS variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
+       min(v.value::float8) AS min, max(v.value::float8) AS max, sum(v.value::float8) AS sum, count(*) AS count
 FROM worker_stats AS s
-CROSS JOIN LATERAL unnest($5::text[]) AS k (metric)
+CROSS JOIN LATERAL unnest($3::text[]) AS k (metric)
 CROSS JOIN LATERAL jsonb_each(s.metrics -> k.metric) AS v (variant, value)
-WHERE s.company = $1
-  AND s.time BETWEEN to_timestamp($2) AND to_timestamp($3)
-  AND (cardinality($6::text[]) = 0 OR s.worker = ANY($6::text[]))
+WHERE s.company = $1 AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
 GROUP BY 1, 2, 3, 4
-ORDER BY 1, 2, 3, 4
 """
 
-# $1 company, $2/$3 from/to (epoch seconds), $4 interval seconds.
-_ACTIVITY = f"""
-SELECT {_BUCKET_SECONDS.format(time="time")} AS bucket,
-       count(DISTINCT worker) AS total,
-       count(DISTINCT worker) FILTER (WHERE task <> '') AS active
-FROM worker_stats
-WHERE company = $1 AND time BETWEEN to_timestamp($2) AND to_timestamp($3)
-GROUP BY 1
-ORDER BY 1
+# ... and as the workers seen per bucket, and whether each ran a task in it.
+_ACTIVITY_PART = f"""
+SELECT s.worker, {BUCKET_SECONDS.format(time="s.time")} AS bucket, coalesce(bool_or(s.task <> ''), false) AS busy
+FROM worker_stats AS s
+WHERE s.company = $1 AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}})
+GROUP BY 1, 2
 """
+
+
+def stats_part(low: str, high: str, workers: str | None, split_by_variant: bool) -> str:
+    """`low`, `high` and `workers` (or None: every worker) are parameter placeholders."""
+    return _STATS_PART.format(
+        variant="v.variant" if split_by_variant else "NULL::text",
+        low=low,
+        high=high,
+        workers=f" AND s.worker = ANY({workers}::text[])" if workers else "",
+    )
+
+
+def activity_part(low: str, high: str) -> str:
+    return _ACTIVITY_PART.format(low=low, high=high)
+
 
 _DROP_CHUNKS = "SELECT count(*) FROM drop_chunks('worker_stats', older_than => now() - $1::double precision * interval '1 day')"
 _DELETE_STALE_KEYS = "DELETE FROM worker_metric_keys WHERE last_reported < now() - $1::double precision * interval '1 day'"
 
 
 async def metric_keys(db, company: str, worker_ids: list[str]) -> list[str]:
-    return [row["metric"] for row in await db.fetch(_METRIC_KEYS, company, worker_ids)]
+    rows = await (db.fetch(_METRIC_KEYS_OF_WORKERS, company, worker_ids) if worker_ids else db.fetch(_METRIC_KEYS, company))
+    return [row["metric"] for row in rows]
 
 
-async def aggregate(
-    db,
-    company: str,
-    *,
-    from_date: float,
-    to_date: float,
-    interval: int,
-    metrics: list[str],
-    worker_ids: list[str],
-    split_by_variant: bool,
-) -> list[asyncpg.Record]:
-    """min/max/avg per (worker, metric, variant or None, bucket start in seconds)."""
-    return await db.fetch(
-        _AGGREGATE, company, from_date, to_date, interval, metrics, worker_ids, split_by_variant
-    )
-
-
-async def activity(db, company: str, *, from_date: float, to_date: float, interval: int) -> list[asyncpg.Record]:
-    """Distinct reporting workers (`total`) and those running a task (`active`) per bucket."""
-    return await db.fetch(_ACTIVITY, company, from_date, to_date, interval)
-
-
-async def drop_older_than(db, days: float) -> int:
-    """Drop statistics chunks older than `days` and metric keys not reported since; returns chunks dropped."""
+async def drop_older_than(db, days: float, keys_days: float) -> int:
+    """Drop raw report chunks older than `days`, and metric keys not reported for
+    `keys_days` (the longest any tier keeps them); returns the chunks dropped."""
     async with db.transaction():
         dropped = await db.fetchval(_DROP_CHUNKS, days)
-        await db.execute(_DELETE_STALE_KEYS, days)
+        await db.execute(_DELETE_STALE_KEYS, keys_days)
     return dropped

@@ -4,7 +4,8 @@ Handlers hand each validated report to `ReportWriter.write`, which returns only 
 transaction holding it has committed. One task, holding its own connection, takes up to
 `batch_size` queued reports (waiting `max_delay` for more when fewer are queued) and
 stores them with one statement: the registration upserts, the new metric keys and the
-report rows, each passed as one jsonb array. A report that was answered 200 is therefore
+report rows, each passed as one jsonb array, and the invalidation of rollups that reports
+behind their watermark make stale. A report that was answered 200 is therefore
 stored; one that was not stored is answered 503 (the daemon retries).
 
 Several such tasks (`connections`) take batches in turn, so that one batch is being built
@@ -27,14 +28,16 @@ import orjson
 
 from .. import errors
 from ..errors import ApiError
-from . import registrations, statistics
+from . import registrations, rollups, statistics
 from .db import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = f"""
 WITH registrations AS ({registrations.REPORTS_UPSERT}),
-     metric_keys AS ({statistics.METRIC_KEYS_UPSERT})
+     metric_keys AS ({statistics.METRIC_KEYS_UPSERT}),
+     reports AS ({statistics.REPORTS_ROWS}),
+     late_reports AS ({rollups.LATE_REPORTS_LOG})
 {statistics.REPORTS_INSERT}
 """
 

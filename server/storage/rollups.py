@@ -1,0 +1,396 @@
+"""SQL of the rollup tiers (`stats_<r>`, `activity_<r>`), their watermark and invalidation log,
+and the refresh that keeps them up to date.
+
+Each tier holds, per bucket of its resolution, what `get_stats` and `get_activity_report`
+need to compose exact answers: min, max, sum and count of every metric (over all its
+variants, and per variant), and per worker whether it reported and ran a task. The 1-minute
+tier is rolled up from the raw reports, each coarser tier from the tier below it.
+
+The refresh (one process or host at a time: a session advisory lock) first moves the
+watermark forward in a transaction of its own, then, in one repeatable-read transaction,
+takes the invalidation log and rebuilds what it names plus every bucket that closed between
+the old and the new watermark. The writer logs, in the statement that stores them, the
+reports of each batch that fall behind the watermark (see migrations/004_rollups.sql).
+"""
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import asyncpg
+
+from .statistics import BUCKET_SECONDS
+
+log = logging.getLogger(__name__)
+
+REFRESH_LOCK = 0x574B5255  # an arbitrary advisory lock key: one refresher at a time
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    seconds: int
+
+    @property
+    def stats(self) -> str:
+        return f"stats_{self.name}"
+
+    @property
+    def activity(self) -> str:
+        return f"activity_{self.name}"
+
+
+# Finest first; each resolution divides the next, so a tier is rolled up from the one below.
+TIERS = (Tier("1m", 60), Tier("10m", 600), Tier("1h", 3600))
+FINEST = TIERS[0]
+
+# Part of the batching writer's statement: the reports (`$3`, the CTE `reports` of
+# statistics.REPORTS_ROWS) stored behind the watermark, logged as one range per worker.
+# FOR SHARE makes the refresh's UPDATE of the watermark wait for this batch (see the
+# migration); under READ COMMITTED a batch that waited reads the new watermark.
+LATE_REPORTS_LOG = """
+INSERT INTO rollup_invalidations (company, worker, low, high)
+SELECT r.company, r.worker, min(r.time), max(r.time)
+FROM reports AS r, (SELECT watermark FROM rollup_watermark FOR SHARE) AS w
+WHERE r.time < w.watermark
+GROUP BY r.company, r.worker
+"""
+
+_ADVANCE = """
+UPDATE rollup_watermark AS w
+SET watermark = greatest(
+    o.watermark,
+    least(time_bucket('1 minute', now() - make_interval(secs => $1)), o.watermark + make_interval(secs => $2)))
+FROM (SELECT watermark FROM rollup_watermark FOR UPDATE) AS o
+RETURNING extract(epoch FROM o.watermark)::float8 AS old, extract(epoch FROM w.watermark)::float8 AS new
+"""
+
+_TAKE_INVALIDATIONS = """
+DELETE FROM rollup_invalidations
+RETURNING company, worker, extract(epoch FROM low)::float8 AS low, extract(epoch FROM high)::float8 AS high
+"""
+
+_INVALIDATE_ALL = """
+INSERT INTO rollup_invalidations (company, worker, low, high)
+SELECT NULL, NULL, to_timestamp($1), watermark FROM rollup_watermark
+WHERE watermark > to_timestamp($1)
+"""
+
+_COMPANIES = "SELECT id FROM companies"
+
+# Reads need the watermark, and the earliest pending invalidation of the company: rollups
+# are exact only before both.
+_READ_STATE = """
+SELECT extract(epoch FROM least(
+           (SELECT watermark FROM rollup_watermark),
+           (SELECT min(low) FROM rollup_invalidations WHERE company = $1 OR company IS NULL)))::float8
+"""
+
+# `regions`: the periods to rebuild, $1..$4 = company, worker (NULL: all of the company's),
+# low, high (epoch seconds, bucket-aligned). Regions never overlap (see `regions`).
+_REGIONS = """
+WITH regions AS (
+    SELECT g.company, g.worker, to_timestamp(g.low) AS low, to_timestamp(g.high) AS high
+    FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[]) AS g (company, worker, low, high)
+), deleted AS (
+    DELETE FROM {table} AS t USING regions AS g
+    WHERE t.company = g.company AND t.time >= g.low AND t.time < g.high
+      AND (g.worker IS NULL OR t.worker = g.worker)
+)
+"""
+
+_IN_REGION = """regions AS g
+JOIN {source} AS s ON s.company = g.company AND s.time >= g.low AND s.time < g.high
+    AND (g.worker IS NULL OR s.worker = g.worker)"""
+
+_STATS_COLUMNS = "time, company, worker, metric, min, max, sum, count, variants, mins, maxs, sums, counts"
+
+# Per-variant aggregates of the source, combined into one row per bucket, worker and metric.
+_STATS_INSERT = """INSERT INTO {table} (""" + _STATS_COLUMNS + """)
+SELECT time, company, worker, metric, min(min), max(max), sum(sum), sum(count)::integer,
+       array_agg(variant ORDER BY variant), array_agg(min ORDER BY variant), array_agg(max ORDER BY variant),
+       array_agg(sum ORDER BY variant), array_agg(count ORDER BY variant)
+FROM ({per_variant}) AS per_variant
+GROUP BY time, company, worker, metric
+"""
+
+_STATS_FROM_RAW = f"""
+SELECT time_bucket(make_interval(secs => $5), s.time) AS time, s.company, s.worker, m.metric, v.variant,
+       min(v.value::float8) AS min, max(v.value::float8) AS max, sum(v.value::float8) AS sum,
+       count(*)::integer AS count
+FROM {_IN_REGION.format(source="worker_stats")}
+CROSS JOIN LATERAL jsonb_each(s.metrics) AS m (metric, variants)
+CROSS JOIN LATERAL jsonb_each(m.variants) AS v (variant, value)
+GROUP BY 1, 2, 3, 4, 5
+"""
+
+_STATS_FROM_TIER = """
+SELECT time_bucket(make_interval(secs => $5), s.time) AS time, s.company, s.worker, s.metric, v.variant,
+       min(v.min) AS min, max(v.max) AS max, sum(v.sum) AS sum, sum(v.count)::integer AS count
+FROM {in_region}
+CROSS JOIN LATERAL unnest(s.variants, s.mins, s.maxs, s.sums, s.counts) AS v (variant, min, max, sum, count)
+GROUP BY 1, 2, 3, 4, 5
+"""
+
+_ACTIVITY_FROM_RAW = f"""INSERT INTO {{table}} (time, company, worker, reports, busy)
+SELECT time_bucket(make_interval(secs => $5), s.time), s.company, s.worker, count(*)::integer,
+       coalesce(bool_or(s.task <> ''), false)
+FROM {_IN_REGION.format(source="worker_stats")}
+GROUP BY 1, 2, 3
+"""
+
+_ACTIVITY_FROM_TIER = """INSERT INTO {table} (time, company, worker, reports, busy)
+SELECT time_bucket(make_interval(secs => $5), s.time), s.company, s.worker, sum(s.reports)::integer, bool_or(s.busy)
+FROM {in_region}
+GROUP BY 1, 2, 3
+"""
+
+
+def _rebuild_statements(tier: Tier, source: Tier | None) -> tuple[str, str]:
+    """The statements that rebuild `tier`'s stats and activity in the regions $1..$4 from
+    `source` (None: the raw reports); $5 is the tier's resolution in seconds."""
+    if source is None:
+        stats_rows, activity = _STATS_FROM_RAW, _ACTIVITY_FROM_RAW.format(table=tier.activity)
+    else:
+        stats_rows = _STATS_FROM_TIER.format(in_region=_IN_REGION.format(source=source.stats))
+        activity = _ACTIVITY_FROM_TIER.format(table=tier.activity, in_region=_IN_REGION.format(source=source.activity))
+    stats = _REGIONS.format(table=tier.stats) + _STATS_INSERT.format(table=tier.stats, per_variant=stats_rows)
+    return stats, _REGIONS.format(table=tier.activity) + activity
+
+
+_REBUILD = {
+    tier.name: _rebuild_statements(tier, TIERS[index - 1] if index else None) for index, tier in enumerate(TIERS)
+}
+
+_DROP_CHUNKS = "SELECT count(*) FROM drop_chunks($1::regclass, older_than => now() - $2::float8 * interval '1 day')"
+
+
+# Parts of a chart read (storage/charts.py), as statistics.stats_part and activity_part
+# but from a tier's whole buckets in [{low}, {high}).
+_STATS_PART = f"""
+SELECT s.worker, s.metric, NULL::text AS variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
+       min(s.min) AS min, max(s.max) AS max, sum(s.sum) AS sum, sum(s.count) AS count
+FROM {{table}} AS s
+WHERE s.company = $1 AND s.metric = ANY($3::text[])
+  AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
+GROUP BY 1, 2, 3, 4
+"""
+
+_STATS_PART_BY_VARIANT = f"""
+SELECT s.worker, s.metric, v.variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
+       min(v.min) AS min, max(v.max) AS max, sum(v.sum) AS sum, sum(v.count) AS count
+FROM {{table}} AS s
+CROSS JOIN LATERAL unnest(s.variants, s.mins, s.maxs, s.sums, s.counts) AS v (variant, min, max, sum, count)
+WHERE s.company = $1 AND s.metric = ANY($3::text[])
+  AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
+GROUP BY 1, 2, 3, 4
+"""
+
+_ACTIVITY_PART = f"""
+SELECT s.worker, {BUCKET_SECONDS.format(time="s.time")} AS bucket, bool_or(s.busy) AS busy
+FROM {{table}} AS s
+WHERE s.company = $1 AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}})
+GROUP BY 1, 2
+"""
+
+
+def stats_part(tier: Tier, low: str, high: str, workers: str | None, split_by_variant: bool) -> str:
+    """`low`, `high` and `workers` (or None: every worker) are parameter placeholders."""
+    return (_STATS_PART_BY_VARIANT if split_by_variant else _STATS_PART).format(
+        table=tier.stats, low=low, high=high, workers=f" AND s.worker = ANY({workers}::text[])" if workers else ""
+    )
+
+
+def activity_part(tier: Tier, low: str, high: str) -> str:
+    return _ACTIVITY_PART.format(table=tier.activity, low=low, high=high)
+
+
+# --- which periods to rebuild -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Invalidation:
+    company: str | None  # None: every company
+    worker: str | None  # None: every worker of the company
+    low: float  # earliest and latest report time, epoch seconds, inclusive
+    high: float
+
+
+def _floor(moment: float, step: int) -> float:
+    return math.floor(moment / step) * step
+
+
+def _ceil(moment: float, step: int) -> float:
+    return math.ceil(moment / step) * step
+
+
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for low, high in sorted(spans):
+        if merged and low <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def _subtract(spans: list[tuple[float, float]], taken: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """`spans` less the (merged) spans `taken`."""
+    result = []
+    for low, high in spans:
+        for taken_low, taken_high in taken:
+            if taken_high <= low or taken_low >= high:
+                continue
+            if taken_low > low:
+                result.append((low, taken_low))
+            low = max(low, taken_high)
+            if low >= high:
+                break
+        if low < high:
+            result.append((low, high))
+    return result
+
+
+def regions(
+    seconds: int,
+    old_watermark: float,
+    new_watermark: float,
+    companies: list[str],
+    invalidations: list[Invalidation],
+    horizon: float,
+) -> list[tuple[str, str | None, float, float]]:
+    """The non-overlapping (company, worker or None, low, high) periods of a tier of
+    `seconds` to rebuild: every bucket that closed between the two watermarks, for every
+    company, and the buckets holding invalidated reports that the tier had already rolled
+    up, from `horizon` on (its source keeps nothing older)."""
+    done = _floor(old_watermark, seconds)  # the tier holds buckets before this
+    closed = _floor(new_watermark, seconds)
+    floor = _ceil(horizon, seconds)
+    fleet: dict[str, list[tuple[float, float]]] = {company: [] for company in companies}
+    if done < closed:
+        for company in companies:
+            fleet[company].append((done, closed))
+    per_worker: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for item in invalidations:
+        low, high = max(_floor(item.low, seconds), floor), min(_floor(item.high, seconds) + seconds, done)
+        if low >= high:
+            continue
+        if item.worker is None:
+            for company in [item.company] if item.company is not None else companies:
+                fleet.setdefault(company, []).append((low, high))
+        elif item.company is not None:
+            per_worker[(item.company, item.worker)].append((low, high))
+    result = []
+    merged_fleet = {company: _merge(spans) for company, spans in fleet.items()}
+    for company, spans in merged_fleet.items():
+        result.extend((company, None, low, high) for low, high in spans)
+    for (company, worker), spans in per_worker.items():
+        remaining = _subtract(_merge(spans), merged_fleet.get(company, []))
+        result.extend((company, worker, low, high) for low, high in remaining)
+    return result
+
+
+# --- the refresh --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Days each tier is kept: raw reports, then each rollup tier by name."""
+
+    raw_days: float
+    tier_days: dict[str, float]
+
+    def horizon(self, source: Tier | None, now: float) -> float:
+        """The earliest time whose data `source` (None: raw) still holds."""
+        days = self.raw_days if source is None else self.tier_days[source.name]
+        return now - days * 86400
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    old_watermark: float
+    new_watermark: float
+    invalidations: int
+    regions: int
+
+
+async def refresh_once(conn: asyncpg.Connection, retention: Retention, *, lag: float, max_step: float) -> RefreshResult:
+    """Move the watermark (at most `max_step` seconds, never closer than `lag` to now) and
+    rebuild what closed or was invalidated. The caller holds REFRESH_LOCK."""
+    async with conn.transaction():
+        old, new = await conn.fetchrow(_ADVANCE, lag, max_step)
+    now = time.time()
+    async with conn.transaction(isolation="repeatable_read"):
+        taken = [Invalidation(*row) for row in await conn.fetch(_TAKE_INVALIDATIONS)]
+        companies = [row["id"] for row in await conn.fetch(_COMPANIES)]
+        rebuilt = 0
+        for index, tier in enumerate(TIERS):
+            source = TIERS[index - 1] if index else None
+            todo = regions(tier.seconds, old, new, companies, taken, retention.horizon(source, now))
+            rebuilt += len(todo)
+            for batch in _batches(todo, SECONDS_PER_STATEMENT * tier.seconds // 60):
+                arguments = [list(column) for column in zip(*batch)]
+                for statement in _REBUILD[tier.name]:
+                    await conn.execute(statement, *arguments, float(tier.seconds))
+    return RefreshResult(old, new, len(taken), rebuilt)
+
+
+# How much of the fleet's time one rebuild statement covers at most, for the 1-minute tier
+# (coarser tiers: in proportion): a refresh every 30 s needs one statement per tier, a bulk
+# rebuild many statements of bounded memory instead of one that aggregates days at once.
+SECONDS_PER_STATEMENT = 3600
+
+
+def _batches(todo: list[tuple], span: float):
+    """`todo` regions in batches covering at most `span` seconds in all (long ones cut)."""
+    batch, covered = [], 0.0
+    for company, worker, low, high in todo:
+        while low < high:
+            piece = min(high, low + span - covered)
+            batch.append((company, worker, low, piece))
+            covered += piece - low
+            low = piece
+            if covered >= span:
+                yield batch
+                batch, covered = [], 0.0
+    if batch:
+        yield batch
+
+
+async def refresh(
+    conn: asyncpg.Connection, retention: Retention, *, lag: float, max_step: float = 86400.0
+) -> list[RefreshResult] | None:
+    """Bring every tier up to date (in steps of at most `max_step`); None when another
+    process or host is refreshing."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REFRESH_LOCK):
+        return None
+    try:
+        steps = []
+        while True:
+            step = await refresh_once(conn, retention, lag=lag, max_step=max_step)
+            steps.append(step)
+            if step.new_watermark == step.old_watermark or step.new_watermark - step.old_watermark < max_step:
+                return steps
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", REFRESH_LOCK)
+
+
+async def invalidate_since(db, since: float) -> None:
+    """Have the next refresh rebuild every tier from `since` on (after a bulk import)."""
+    await db.execute(_INVALIDATE_ALL, since)
+
+
+async def read_watermark(db, company: str) -> float:
+    """The time before which the company's rollups are exact (no pending invalidation)."""
+    return await db.fetchval(_READ_STATE, company)
+
+
+async def drop_older_than(db, retention: Retention) -> int:
+    """Drop each tier's chunks past its retention; returns the number of chunks dropped."""
+    dropped = 0
+    for tier in TIERS:
+        for table in (tier.stats, tier.activity):
+            dropped += await db.fetchval(_DROP_CHUNKS, table, retention.tier_days[tier.name])
+    return dropped
