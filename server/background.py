@@ -44,8 +44,9 @@ async def apply_retention(pool: asyncpg.Pool, retention: rollups.Retention) -> i
 
 async def refresh_rollups(dsn: str, settings: Settings) -> list[rollups.RefreshResult] | None:
     """Bring the rollups up to date on a connection of its own (no statement timeout: a
-    refresh after a long outage or a bulk import may take minutes)."""
-    conn = await asyncpg.connect(dsn)
+    refresh after a long outage or a bulk import may take minutes). JIT compilation would
+    cost more than it saves on these statements."""
+    conn = await asyncpg.connect(dsn, server_settings={"jit": "off"})
     try:
         steps = await rollups.refresh(conn, settings.retention, lag=settings.rollup_lag_seconds)
     finally:

@@ -333,3 +333,13 @@ async def test_each_tier_keeps_its_own_retention(client, dsn, db_conn):
     assert kept["stats_1m"] == [5, 20]
     assert kept["stats_10m"] == [5, 20, 60]
     assert kept["stats_1h"] == [5, 20, 60, 200]
+
+
+async def test_extreme_values_roll_up_exactly(make_client, dsn):
+    served_client, raw_client = await clients(make_client)
+    for offset, value in [(1, 1e100), (2, -1e100), (3, 12345678901234567890), (4, 0.1), (65, 1e-100)]:
+        await ok(served_client, "workers.status_report", {"worker": "w1", "timestamp": BASE + offset, "machine_stats": {"memory_used": value}})
+    await refresh(dsn)
+    served = await compare_charts(served_client, raw_client, BASE, BASE + 3600, 60)
+    assert values(served, "w1", "memory_used", "max")[:2] == [1e100, 1e-100]
+    assert values(served, "w1", "memory_used", "min")[:2] == [-1e100, 1e-100]
