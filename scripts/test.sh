@@ -7,6 +7,16 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$("$root/scripts/setup-venv.sh" test | tail -n1)"
 
+# tests/test_compose.py checks the compose files with Debian's docker-compose (no engine needed).
+if ! command -v docker-compose >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing docker-compose (apt-get)" >&2
+    { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends docker-compose; } >&2 \
+        || echo "could not install docker-compose: tests/test_compose.py will fail" >&2
+fi
+
 if [ -z "${WORKERS_TEST_DSN:-}" ] && ! docker info >/dev/null 2>&1; then
     "$root/scripts/local-timescaledb.sh" start >/dev/null
 fi
