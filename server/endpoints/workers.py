@@ -196,7 +196,7 @@ async def get_stats(call: Call) -> dict:
         wanted = aggregations.setdefault(item["key"], [])
         if item["aggregation"] not in wanted:
             wanted.append(item["aggregation"])
-    rows = await charts.stats(
+    found = await charts.stats(
         call.request.app[POOL],
         call.identity.company,
         pieces,
@@ -205,10 +205,9 @@ async def get_stats(call: Call) -> dict:
         worker_ids=worker_ids,
         split_by_variant=body["split_by_variant"],
     )
-    # worker -> (metric, variant) -> bucket -> row
-    series: dict[str, dict[tuple[str, str | None], dict[int, object]]] = defaultdict(lambda: defaultdict(dict))
-    for row in rows:
-        series[row["worker"]][(row["metric"], row["variant"])][row["bucket"]] = row
+    series: dict[str, dict[tuple[str, str | None], dict[int, dict]]] = defaultdict(dict)  # by worker
+    for (worker, metric, variant), by_bucket in found.items():
+        series[worker][(metric, variant)] = by_bucket
     metric_order = {metric: index for index, metric in enumerate(aggregations)}
     dates = [bucket * 1000 for bucket in buckets]  # milliseconds, as the reference server answers
     workers = []

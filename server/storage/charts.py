@@ -5,9 +5,9 @@ whose resolution divides the interval serves the whole buckets it holds, finer t
 pieces at either end, and the raw reports only what no tier can serve exactly (a partial
 minute at the start, and everything after the rollups' watermark), the way TimescaleDB's
 real-time aggregates combine a materialization with the raw rows after its threshold.
-Every segment yields partial aggregates (min, max, sum, count per bucket; the workers
-seen per bucket) that one statement combines, so each bucket is exact whichever sources
-serve it.
+Every segment yields rows in the shape of a rollup row (min, max, sum and count; a raw
+value is a row of its own with count 1; for activity, a worker seen in a bucket) that one
+statement aggregates per bucket, so each bucket is exact whichever sources serve it.
 """
 
 import math
@@ -87,12 +87,10 @@ def _split(low: float, high: float, resolutions: list[int], exact_before: float)
 
 
 # $1 company, $2 interval (seconds), then for get_stats $3 metrics and (when filtered) $4
-# worker ids, then each segment's low and high.
-_STATS = """
-SELECT worker, metric, variant, bucket, min(min) AS min, max(max) AS max, sum(sum) / sum(count) AS avg
-FROM ({parts}) AS parts
-GROUP BY 1, 2, 3, 4
-"""
+# worker ids, then each segment's low and high. A bucket served by several segments has a
+# row from each: get_stats combines them in `stats` (cheaper than one more aggregation of
+# every row in SQL, when the rows of a tier are already whole buckets).
+_STATS = "{parts}"
 
 _ACTIVITY = """
 SELECT bucket, count(*) AS total, count(*) FILTER (WHERE busy) AS active
@@ -127,6 +125,9 @@ async def _fetch(db, statement: str, *arguments) -> list[asyncpg.Record]:
         ) from None
 
 
+Series = dict[tuple[str, str, str | None], dict[int, dict[str, float]]]
+
+
 async def stats(
     db,
     company: str,
@@ -136,20 +137,35 @@ async def stats(
     metrics: list[str],
     worker_ids: list[str],
     split_by_variant: bool,
-) -> list[asyncpg.Record]:
-    """min/max/avg per (worker, metric, variant or None, bucket start in seconds)."""
+) -> Series:
+    """{(worker, metric, variant or None): {bucket start in seconds: {"min", "max", "avg"}}}."""
     if not pieces:
-        return []
+        return {}
     workers = "$4" if worker_ids else None
 
     def part(source: int, low: str, high: str) -> str:
         if source == RAW:
             return statistics.stats_part(low, high, workers, split_by_variant)
-        return rollups.stats_part(_tier(source), low, high, workers, split_by_variant)
+        return rollups.stats_part(_tier(source), low, high, workers, split_by_variant, interval)
 
     statement, bounds = _compose(_STATS, part, pieces, 5 if worker_ids else 4)
     arguments = [company, float(interval), metrics] + ([worker_ids] if worker_ids else [])
-    return await _fetch(db, statement, *arguments, *bounds)
+    combined: dict[tuple, dict[int, list]] = {}
+    for worker, metric, variant, bucket, low, high, total, count in await _fetch(db, statement, *arguments, *bounds):
+        buckets = combined.get((worker, metric, variant))
+        if buckets is None:
+            buckets = combined[(worker, metric, variant)] = {}
+        found = buckets.get(bucket)
+        if found is None:
+            buckets[bucket] = [low, high, total, count]
+            continue
+        found[0], found[1] = min(found[0], low), max(found[1], high)
+        found[2] += total
+        found[3] += count
+    return {
+        key: {bucket: {"min": low, "max": high, "avg": total / count} for bucket, (low, high, total, count) in buckets.items()}
+        for key, buckets in combined.items()
+    }
 
 
 async def activity(db, company: str, pieces: list[Segment], *, interval: int) -> list[asyncpg.Record]:
@@ -160,7 +176,7 @@ async def activity(db, company: str, pieces: list[Segment], *, interval: int) ->
     def part(source: int, low: str, high: str) -> str:
         if source == RAW:
             return statistics.activity_part(low, high)
-        return rollups.activity_part(_tier(source), low, high)
+        return rollups.activity_part(_tier(source), low, high, interval)
 
     statement, bounds = _compose(_ACTIVITY, part, pieces, 3)
     return await _fetch(db, statement, company, float(interval), *bounds)

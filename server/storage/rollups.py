@@ -123,6 +123,7 @@ SELECT time, company, worker, metric, min(min), max(max), sum(sum), sum(count)::
        array_agg(sum ORDER BY variant), array_agg(count ORDER BY variant)
 FROM ({per_variant}) AS per_variant
 GROUP BY time, company, worker, metric
+ORDER BY company, metric, worker, time
 """
 
 # The 1-minute tier is rolled up in Python from the raw reports (see `_minute_rollups`):
@@ -164,43 +165,46 @@ _DROP_CHUNKS = "SELECT count(*) FROM drop_chunks($1::regclass, older_than => now
 
 
 # Parts of a chart read (storage/charts.py), as statistics.stats_part and activity_part
-# but from a tier's whole buckets in [{low}, {high}).
+# but from a tier's whole buckets in [{low}, {high}). Where the chart's interval is the
+# tier's resolution its rows are already one per bucket: no grouping ({group} empty).
 _STATS_PART = f"""
 SELECT s.worker, s.metric, NULL::text AS variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
-       min(s.min) AS min, max(s.max) AS max, sum(s.sum) AS sum, sum(s.count) AS count
+       {{min}}(s.min) AS min, {{max}}(s.max) AS max, {{sum}}(s.sum) AS sum, {{sum}}(s.count) AS count
 FROM {{table}} AS s
 WHERE s.company = $1 AND s.metric = ANY($3::text[])
   AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
-GROUP BY 1, 2, 3, 4
-"""
+{{group}}"""
 
 _STATS_PART_BY_VARIANT = f"""
 SELECT s.worker, s.metric, v.variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
-       min(v.min) AS min, max(v.max) AS max, sum(v.sum) AS sum, sum(v.count) AS count
+       {{min}}(v.min) AS min, {{max}}(v.max) AS max, {{sum}}(v.sum) AS sum, {{sum}}(v.count) AS count
 FROM {{table}} AS s
 CROSS JOIN LATERAL unnest(s.variants, s.mins, s.maxs, s.sums, s.counts) AS v (variant, min, max, sum, count)
 WHERE s.company = $1 AND s.metric = ANY($3::text[])
   AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
-GROUP BY 1, 2, 3, 4
-"""
+{{group}}"""
 
 _ACTIVITY_PART = f"""
-SELECT s.worker, {BUCKET_SECONDS.format(time="s.time")} AS bucket, bool_or(s.busy) AS busy
+SELECT s.worker, {BUCKET_SECONDS.format(time="s.time")} AS bucket, {{bool_or}}(s.busy) AS busy
 FROM {{table}} AS s
 WHERE s.company = $1 AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}})
-GROUP BY 1, 2
-"""
+{{group}}"""
+
+_GROUPED = {"min": "min", "max": "max", "sum": "sum", "bool_or": "bool_or"}
+_AS_IS = {"min": "", "max": "", "sum": "", "bool_or": "", "group": ""}
 
 
-def stats_part(tier: Tier, low: str, high: str, workers: str | None, split_by_variant: bool) -> str:
+def stats_part(tier: Tier, low: str, high: str, workers: str | None, split_by_variant: bool, interval: int) -> str:
     """`low`, `high` and `workers` (or None: every worker) are parameter placeholders."""
-    return (_STATS_PART_BY_VARIANT if split_by_variant else _STATS_PART).format(
-        table=tier.stats, low=low, high=high, workers=f" AND s.worker = ANY({workers}::text[])" if workers else ""
-    )
+    template = _STATS_PART_BY_VARIANT if split_by_variant else _STATS_PART
+    grouping = _AS_IS if interval == tier.seconds else {**_GROUPED, "group": "GROUP BY 1, 2, 3, 4"}
+    workers_filter = f" AND s.worker = ANY({workers}::text[])" if workers else ""
+    return template.format(table=tier.stats, low=low, high=high, workers=workers_filter, **grouping)
 
 
-def activity_part(tier: Tier, low: str, high: str) -> str:
-    return _ACTIVITY_PART.format(table=tier.activity, low=low, high=high)
+def activity_part(tier: Tier, low: str, high: str, interval: int) -> str:
+    grouping = _AS_IS if interval == tier.seconds else {**_GROUPED, "group": "GROUP BY 1, 2"}
+    return _ACTIVITY_PART.format(table=tier.activity, low=low, high=high, **grouping)
 
 
 # --- which periods to rebuild -------------------------------------------------------------
@@ -339,11 +343,19 @@ async def _rebuild(conn: asyncpg.Connection, tier: Tier, batch: list[tuple]) -> 
     if tier is FINEST:
         reports = await conn.fetch(_RAW_REPORTS, companies, workers, lows, highs, *bounds)
         stats, activity = _minute_rollups(reports)
+        stats.sort(key=_fleet_order)
         await conn.copy_records_to_table(tier.stats, records=stats, columns=_STATS_COLUMNS.split(", "))
         await conn.copy_records_to_table(tier.activity, records=activity, columns=_ACTIVITY_COLUMNS)
         return
     for statement in _ROLL_UP[tier.name]:
         await conn.execute(statement, companies, workers, lows, highs, *bounds, float(tier.seconds))
+
+
+def _fleet_order(row: tuple) -> tuple:
+    """Rows are stored in (company, metric, worker, time) order within each rebuild, so that a
+    fleet chart of one metric reads few pages (see the `stats_<r>_fleet` index)."""
+    time, company, worker, metric = row[:4]
+    return company, metric, worker, time
 
 
 def _json(text: str) -> dict:

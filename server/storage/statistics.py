@@ -38,23 +38,25 @@ SELECT DISTINCT metric FROM worker_metric_keys WHERE company = $1 AND worker = A
 
 # The start (epoch seconds) of the bucket of `$2` seconds holding {time}; buckets start at
 # multiples of the interval since the UNIX epoch. Shared by every part of a chart read.
-BUCKET_SECONDS = "extract(epoch FROM time_bucket(make_interval(secs => $2), {time}, origin => 'epoch'::timestamptz))::bigint"
+# (date_part is float8; extract(epoch ...) would be a slower numeric.)
+BUCKET_SECONDS = "date_part('epoch', time_bucket(make_interval(secs => $2), {time}, origin => 'epoch'::timestamptz))::bigint"
 
 # Parts of a chart read (storage/charts.py): raw reports in [{low}, {high}) of company $1,
-# as partial aggregates per worker, metric ($3), variant and bucket ...
+# as min, max, sum and count per worker, metric ($3), variant and bucket ...
 _STATS_PART = f"""
 SELECT s.worker, k.metric, {{variant}} AS variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
-       min(v.value::float8) AS min, max(v.value::float8) AS max, sum(v.value::float8) AS sum, count(*) AS count
+       min(x.value) AS min, max(x.value) AS max, sum(x.value) AS sum, count(*) AS count
 FROM worker_stats AS s
 CROSS JOIN LATERAL unnest($3::text[]) AS k (metric)
 CROSS JOIN LATERAL jsonb_each(s.metrics -> k.metric) AS v (variant, value)
+CROSS JOIN LATERAL (SELECT v.value::float8) AS x (value)
 WHERE s.company = $1 AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
 GROUP BY 1, 2, 3, 4
 """
 
 # ... and as the workers seen per bucket, and whether each ran a task in it.
 _ACTIVITY_PART = f"""
-SELECT s.worker, {BUCKET_SECONDS.format(time="s.time")} AS bucket, coalesce(bool_or(s.task <> ''), false) AS busy
+SELECT s.worker, {BUCKET_SECONDS.format(time="s.time")} AS bucket, bool_or(s.task <> '') AS busy
 FROM worker_stats AS s
 WHERE s.company = $1 AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}})
 GROUP BY 1, 2
