@@ -43,19 +43,24 @@ async def apply_retention(pool: asyncpg.Pool, retention: rollups.Retention) -> i
 
 
 async def refresh_rollups(dsn: str, settings: Settings) -> list[rollups.RefreshResult] | None:
-    """Bring the rollups up to date on a connection of its own (no statement timeout: a
-    refresh after a long outage or a bulk import may take minutes). JIT compilation would
-    cost more than it saves on these statements."""
-    conn = await asyncpg.connect(dsn, server_settings={"jit": "off"})
-    try:
-        steps = await rollups.refresh(conn, settings.retention, lag=settings.rollup_lag_seconds)
-    finally:
-        await conn.close()
+    """Bring the rollups up to date, in a thread of its own: rolling up is Python work (see
+    rollups._minute_rollups) that must not hold up this process's requests for its length."""
+    steps = await asyncio.to_thread(asyncio.run, _refresh(dsn, settings))
     for step in steps or ():
         if step.invalidations or step.new_watermark - step.old_watermark > 600:
             watermark = datetime.fromtimestamp(step.new_watermark, timezone.utc).isoformat()
             log.info("rollups refreshed to %s: %d invalidations, %d regions", watermark, step.invalidations, step.regions)
     return steps
+
+
+async def _refresh(dsn: str, settings: Settings) -> list[rollups.RefreshResult] | None:
+    # A connection of its own: no statement timeout (a refresh after a long outage or a bulk
+    # import may take minutes), no JIT (it costs more than it saves on these statements).
+    conn = await asyncpg.connect(dsn, server_settings={"jit": "off"})
+    try:
+        return await rollups.refresh(conn, settings.retention, lag=settings.rollup_lag_seconds)
+    finally:
+        await conn.close()
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable], name: str) -> None:

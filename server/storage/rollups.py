@@ -50,16 +50,16 @@ class Tier:
 TIERS = (Tier("1m", 60), Tier("10m", 600), Tier("1h", 3600))
 FINEST = TIERS[0]
 
-# Part of the batching writer's statement: the reports (`$3`, the CTE `reports` of
-# statistics.REPORTS_ROWS) stored behind the watermark, logged as one range per worker.
-# FOR SHARE makes the refresh's UPDATE of the watermark wait for this batch (see the
-# migration); under READ COMMITTED a batch that waited reads the new watermark.
+# Part of the batching writer's statement: the workers of the batch (`$1`, one entry each
+# with the earliest and latest time of its reports) whose reports fall behind the
+# watermark. FOR SHARE makes the refresh's UPDATE of the watermark wait for this batch
+# (see the migration); under READ COMMITTED a batch that waited reads the new watermark.
 LATE_REPORTS_LOG = """
 INSERT INTO rollup_invalidations (company, worker, low, high)
-SELECT r.company, r.worker, min(r.time), max(r.time)
-FROM reports AS r, (SELECT watermark FROM rollup_watermark FOR SHARE) AS w
-WHERE r.time < w.watermark
-GROUP BY r.company, r.worker
+SELECT r.company, r.worker, to_timestamp(r.low), to_timestamp(r.high)
+FROM jsonb_to_recordset($1::jsonb) AS r (company text, worker text, low float8, high float8),
+     (SELECT watermark FROM rollup_watermark FOR SHARE) AS w
+WHERE to_timestamp(r.low) < w.watermark
 """
 
 _ADVANCE = """

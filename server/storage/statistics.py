@@ -7,16 +7,12 @@ into one point per value for Grafana.
 
 
 # Parts of the batching writer's statement: `$2` is a jsonb array of metric keys to
-# upsert, `$3` one of report rows (the CTE `reports`, read again by rollups.LATE_REPORTS_LOG).
-REPORTS_ROWS = """
-SELECT to_timestamp(r.time) AS time, r.company, r.worker, r.task, r.metrics
-FROM jsonb_to_recordset($3::jsonb) AS r (
-    time double precision, company text, worker text, task text, metrics jsonb)
-"""
-
+# upsert, `$3` one of report rows.
 REPORTS_INSERT = """
 INSERT INTO worker_stats (time, company, worker, task, metrics)
-SELECT time, company, worker, task, metrics FROM reports
+SELECT to_timestamp(r.time), r.company, r.worker, r.task, r.metrics
+FROM jsonb_to_recordset($3::jsonb) AS r (
+    time double precision, company text, worker text, task text, metrics jsonb)
 """
 
 METRIC_KEYS_UPSERT = """

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 WRITE_BATCH = f"""
 WITH registrations AS ({registrations.REPORTS_UPSERT}),
      metric_keys AS ({statistics.METRIC_KEYS_UPSERT}),
-     reports AS ({statistics.REPORTS_ROWS}),
      late_reports AS ({rollups.LATE_REPORTS_LOG})
 {statistics.REPORTS_INSERT}
 """
@@ -193,6 +192,10 @@ class ReportWriter:
                 "queues": report.queues,
                 "tags": report.tags,
                 "system_tags": report.system_tags,
+                # The worker's earliest and latest report time in the batch: what the rollups'
+                # invalidation log records when they fall behind the watermark.
+                "low": report.time,
+                "high": report.time,
             }
             earlier = registrations.get(key)
             if earlier is not None:
@@ -200,6 +203,7 @@ class ReportWriter:
                 for name in ("queues", "tags", "system_tags"):
                     if entry[name] is None:
                         entry[name] = earlier[name]
+                entry["low"], entry["high"] = min(earlier["low"], report.time), max(earlier["high"], report.time)
             registrations[key] = entry
             known = written.get(key) or self._known_keys.get(key)
             if known is None or report.time > known[0] + METRIC_KEY_REFRESH:
