@@ -1,7 +1,9 @@
 """Who is calling: credentials, tokens and the identity (company, user) of every request.
 
-A request carries `Authorization: Bearer <token>` (a JWT from `auth.login`) or HTTP Basic
-`access_key:secret_key`. Secrets are stored as scrypt hashes; the slow hash is computed
+A request carries `Authorization: Bearer <token>` (a JWT from `auth.login`, or one the
+ClearML apiserver issued when its token secret is configured), HTTP Basic
+`access_key:secret_key`, or, without an Authorization header, the token in the web UI's
+session cookie. Secrets are stored as scrypt hashes; the slow hash is computed
 once per (key, secret) pair and process, while the credential row itself is read on every
 Basic request, so a revoked key stops working at once. Bearer tokens are checked with
 HS256 alone (microseconds): daemons send one on every status report.
@@ -12,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import secrets
 import string
 import time
@@ -23,7 +26,7 @@ from aiohttp import web
 from . import errors
 from .errors import ApiError
 from .keys import POOL, SETTINGS, SIGNING_KEY
-from .storage import credentials
+from .storage import credentials, tenants
 
 TOKEN_ALGORITHM = "HS256"
 ACCESS_KEY_ALPHABET = string.ascii_uppercase + string.digits
@@ -93,54 +96,37 @@ def issue_token(identity: Identity, key: str, lifetime: int, *, api_version: str
     return jwt.encode(claims, key, algorithm=TOKEN_ALGORITHM)
 
 
-class _VerifiedTokens:
-    """token -> (identity, expiry) of tokens whose signature was checked with `key`.
-
-    A daemon sends the same token with every report: its signature is checked once per
-    process, its expiry on every use.
-    """
+class _BadSignature(ApiError):
+    """A token not signed with the key tried: another key may still verify it."""
 
     def __init__(self):
-        self._key = ""
-        self._verified: dict[str, tuple[Identity, float]] = {}
-
-    def identity(self, token: str, key: str) -> Identity:
-        if key != self._key:
-            self._key, self._verified = key, {}
-        known = self._verified.get(token)
-        if known is not None and known[1] > time.time():
-            return known[0]
-        identity, expires = _decode_token(token, key)
-        if len(self._verified) >= VERIFIED_CACHE_LIMIT:
-            self._verified.clear()
-        self._verified[token] = (identity, expires)
-        return identity
+        super().__init__(errors.INVALID_TOKEN, "Invalid token: bad signature")
 
 
-_verified_tokens = _VerifiedTokens()
-
-
-def decode_token(token: str, key: str) -> Identity:
-    """The identity of a token signed with `key` and not expired; 401/21 or 401/30 otherwise."""
-    return _verified_tokens.identity(token, key)
-
-
-def _decode_token(token: str, key: str) -> tuple[Identity, float]:
+def _claims(token: str, key: str, required: list[str]) -> dict:
+    """The claims of an HS256 token signed with `key`, its exp checked when present."""
     try:
-        claims = jwt.decode(
-            token, key, algorithms=[TOKEN_ALGORITHM], options={"require": ["exp", "iat", "identity"]}
-        )
+        return jwt.decode(token, key, algorithms=[TOKEN_ALGORITHM], options={"require": required})
     except jwt.ExpiredSignatureError:
         raise ApiError(errors.INVALID_TOKEN, "Invalid token: the token has expired") from None
-    except jwt.DecodeError as error:
-        if isinstance(error, jwt.InvalidSignatureError):
-            raise ApiError(errors.INVALID_TOKEN, "Invalid token: bad signature") from None
+    except jwt.InvalidSignatureError:
+        raise _BadSignature() from None
+    except jwt.DecodeError:
         raise ApiError(errors.MALFORMED_CREDENTIALS, "Malformed credentials: the token cannot be decoded") from None
     except jwt.InvalidTokenError as error:
         raise ApiError(errors.INVALID_TOKEN, f"Invalid token: {error}") from None
-    identity = claims["identity"]
-    if not isinstance(identity, dict) or not all(isinstance(identity.get(k), str) for k in ("company", "user")):
+
+
+def _identity_claim(claims: dict, required: tuple[str, ...]) -> dict:
+    identity = claims.get("identity")
+    if not isinstance(identity, dict) or not all(isinstance(identity.get(k), str) and identity[k] for k in required):
         raise ApiError(errors.INVALID_TOKEN, "Invalid token: no identity")
+    return identity
+
+
+def _decode_token(token: str, key: str) -> tuple[Identity, float]:
+    claims = _claims(token, key, ["exp", "iat", "identity"])
+    identity = _identity_claim(claims, ("company", "user"))
     return Identity(
         company=identity["company"],
         user=identity["user"],
@@ -148,6 +134,93 @@ def _decode_token(token: str, key: str) -> tuple[Identity, float]:
         company_name=str(identity.get("company_name", "")),
         user_name=str(identity.get("user_name", "")),
     ), claims["exp"]
+
+
+def _decode_apiserver_token(token: str, secret: str) -> tuple[Identity, float]:
+    """A token of the ClearML apiserver: its identity always has a role; tokens of role
+    `system` have no exp (they never expire)."""
+    claims = _claims(token, secret, ["identity"])
+    identity = _identity_claim(claims, ("company", "user", "role"))
+    return Identity(
+        company=identity["company"],
+        user=identity["user"],
+        role=identity["role"],
+        company_name=str(identity.get("company_name") or identity["company"]),
+        user_name=str(identity.get("user_name") or identity["user"]),
+    ), claims.get("exp", math.inf)
+
+
+def _verify(token: str, key: str, apiserver_secret: str) -> tuple[Identity, float, bool]:
+    """Our key first, then the apiserver's secret; True when the apiserver issued it. When
+    both are the same key, every token is checked as the apiserver's (ours pass too)."""
+    if apiserver_secret != key:
+        try:
+            return *_decode_token(token, key), False
+        except _BadSignature:
+            if not apiserver_secret:
+                raise
+    return *_decode_apiserver_token(token, apiserver_secret), True
+
+
+class _VerifiedTokens:
+    """token -> (identity, expiry, from the apiserver) of tokens whose signature was checked
+    with the current keys.
+
+    A daemon sends the same token with every report: its signature is checked once per
+    process, its expiry on every use.
+    """
+
+    def __init__(self):
+        self._keys = ("", "")
+        self._verified: dict[str, tuple[Identity, float, bool]] = {}
+
+    def identity(self, token: str, key: str, apiserver_secret: str) -> tuple[Identity, bool]:
+        if (key, apiserver_secret) != self._keys:
+            self._keys, self._verified = (key, apiserver_secret), {}
+        known = self._verified.get(token)
+        if known is None or known[1] <= time.time():
+            known = _verify(token, key, apiserver_secret)
+            if len(self._verified) >= VERIFIED_CACHE_LIMIT:
+                self._verified.clear()
+            self._verified[token] = known
+        return known[0], known[2]
+
+
+_verified_tokens = _VerifiedTokens()
+
+
+class _EnsuredTenants:
+    """(company, user) of apiserver tokens known to exist in the database of `pool`, so that
+    a daemon's every report does not pay a write."""
+
+    def __init__(self):
+        self._pool = None
+        self._known: set[tuple[str, str]] = set()
+
+    async def ensure(self, pool, identity: Identity) -> None:
+        if pool is not self._pool:
+            self._pool, self._known = pool, set()
+        if (identity.company, identity.user) in self._known:
+            return
+        await tenants.ensure_company(pool, identity.company, identity.company_name)
+        await tenants.ensure_user(pool, identity.company, identity.user, identity.user_name, identity.role)
+        if len(self._known) >= VERIFIED_CACHE_LIMIT:
+            self._known.clear()
+        self._known.add((identity.company, identity.user))
+
+
+_ensured_tenants = _EnsuredTenants()
+
+
+async def token_identity(request: web.Request, token: str) -> Identity:
+    """The identity of a token of ours or, when its secret is configured, of the apiserver's
+    (whose company and user are created here on first sight)."""
+    identity, from_apiserver = _verified_tokens.identity(
+        token, request.app[SIGNING_KEY], request.app[SETTINGS].apiserver_token_secret
+    )
+    if from_apiserver:
+        await _ensured_tenants.ensure(request.app[POOL], identity)
+    return identity
 
 
 # Requests
@@ -210,11 +283,15 @@ _DUMMY_HASH = hash_secret(new_secret())
 async def identify(request: web.Request) -> Identity:
     header = request.headers.get("Authorization", "").strip()
     if not header:
+        # The web UI sends the apiserver's session cookie instead; a header takes precedence.
+        cookie = request.cookies.get(request.app[SETTINGS].token_cookie, "").strip()
+        if cookie:
+            return await token_identity(request, cookie)
         raise ApiError(errors.MISSING_CREDENTIALS, "Missing credentials: send a Bearer token or Basic credentials")
     scheme, _, value = header.partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer" and value:
-        return decode_token(value, request.app[SIGNING_KEY])
+        return await token_identity(request, value)
     if scheme.lower() == "basic" and value:
         access_key, secret = _basic_credentials(value)
         return await authenticate_key(request.app[POOL], access_key, secret)

@@ -34,11 +34,11 @@ class Settings:
     min_chart_interval: int = 40
     max_chart_buckets: int = 10_000
     read_from_rollups: bool = True  # false: charts read raw reports only (for comparison)
-    raw_read_budget_worker_hours: float = 12.0
+    raw_read_budget_worker_hours: float = 120.0
     read_timeout_seconds: float = 30.0
     # Retention of each tier, and the rollups' refresh
     raw_retention_days: float = 7.0
-    rollup_1m_retention_days: float = 30.0
+    rollup_1m_retention_days: float = 31.0
     rollup_10m_retention_days: float = 90.0
     rollup_1h_retention_days: float = 400.0
     retention_sweep_seconds: float = 3600.0
@@ -51,6 +51,10 @@ class Settings:
     # database), and the longest lifetime of a token.
     auth_secret: str = ""
     token_lifetime_seconds: int = 30 * 24 * 3600
+    # Beside a ClearML apiserver: its `secure.auth.token_secret`, so that the tokens it
+    # issued are accepted too (empty: not), and the web UI's session cookie.
+    apiserver_token_secret: str = ""
+    token_cookie: str = "clearml_token_basic"
     # The batching writer of status reports
     writer_connections: int = 2
     writer_batch_size: int = 500

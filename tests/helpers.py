@@ -7,6 +7,19 @@ from dataclasses import dataclass
 import orjson
 
 
+# The eight endpoints of SPEC §2.
+WORKER_ENDPOINTS = [
+    "workers.register",
+    "workers.unregister",
+    "workers.status_report",
+    "workers.get_all",
+    "workers.get_count",
+    "workers.get_metric_keys",
+    "workers.get_stats",
+    "workers.get_activity_report",
+]
+
+
 @dataclass(frozen=True)
 class Credentials:
     access_key: str

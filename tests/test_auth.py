@@ -11,22 +11,12 @@ import jwt
 import orjson
 import pytest
 from conftest import ROOT
-from helpers import basic_auth, call, now_ms, ok, table_snapshot
+from helpers import WORKER_ENDPOINTS, basic_auth, call, now_ms, ok, table_snapshot
 
 from server.keys import SIGNING_KEY
 from server.protocol import API_VERSION, SERVER_VERSION
 from server.storage import credentials
 
-WORKER_ENDPOINTS = [
-    "workers.register",
-    "workers.unregister",
-    "workers.status_report",
-    "workers.get_all",
-    "workers.get_count",
-    "workers.get_metric_keys",
-    "workers.get_stats",
-    "workers.get_activity_report",
-]
 THIRTY_DAYS = 30 * 24 * 3600
 
 

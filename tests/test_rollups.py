@@ -294,8 +294,8 @@ async def test_interval_is_raised_beyond_the_raw_read_budget(make_client):
         return {"from_date": BASE, "to_date": BASE + 7200, "interval": 40, "worker_ids": worker_ids,
                 "items": [{"key": "memory_used"}]}
     [entry] = (await ok(client, "workers.get_stats", body(["w1"])))["workers"][0]["metrics"]
-    assert entry["dates"][1] - entry["dates"][0] == 60_000  # 2 worker-hours > 1: not raw
-    client = await make_client(raw_read_budget_worker_hours=2)
+    assert entry["dates"][1] - entry["dates"][0] == 60_000  # 1,000 buckets of 40 s: 11.1 worker-hours > 1
+    client = await make_client(raw_read_budget_worker_hours=12)
     [entry] = (await ok(client, "workers.get_stats", body(["w1"])))["workers"][0]["metrics"]
     assert entry["dates"][1] - entry["dates"][0] == 40_000
 

@@ -6,18 +6,8 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from helpers import call, now_ms, ok, table_snapshot
+from helpers import WORKER_ENDPOINTS, call, now_ms, ok, table_snapshot
 
-ENDPOINTS = [
-    "workers.register",
-    "workers.unregister",
-    "workers.status_report",
-    "workers.get_all",
-    "workers.get_count",
-    "workers.get_metric_keys",
-    "workers.get_stats",
-    "workers.get_activity_report",
-]
 MISSING = (400, 11)
 INVALID = (400, 12)
 WORKER = "w1"
@@ -152,7 +142,7 @@ async def rejected(client, db_conn, endpoint: str, body=None, *, raw: bytes | No
 
 
 @pytest.mark.parametrize("raw", [b"{", b'{"worker": "w1",}', b"\xff\xfe", b"[1, 2]", b'"text"', b"42", b"null"])
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", WORKER_ENDPOINTS)
 async def test_body_that_is_not_a_json_object(client, db_conn, seeded, endpoint, raw):
     code, subcode, message = await rejected(client, db_conn, endpoint, raw=raw)
     assert (code, subcode) == INVALID

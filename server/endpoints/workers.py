@@ -170,7 +170,7 @@ async def _chart(call: Call, body: dict, worker_ids: list[str]) -> tuple[int, li
         raw_affordable = True
         if interval % charts.FINEST_TIER_SECONDS:
             workers = len(worker_ids) or await registrations.count(pool, call.identity.company, WorkerFilter())
-            raw_affordable = (to_date - from_date) / 3600 * max(workers, 1) <= settings.raw_read_budget_worker_hours
+            raw_affordable = charts.raw_worker_hours(interval, workers) <= settings.raw_read_budget_worker_hours
         interval = charts.choose_interval(interval, from_date, now, settings.retention, raw_affordable)
     buckets = _bucket_starts(from_date, to_date, interval, settings.max_chart_buckets)
     if not buckets:

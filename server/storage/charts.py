@@ -40,6 +40,19 @@ def _ceil(moment: float, step: int) -> float:
     return math.ceil(moment / step) * step
 
 
+# The buckets a chart is judged by when deciding whether raw reports can serve its interval:
+# the ClearML web UI's most points per chart.
+CHART_POINTS = 1000
+
+
+def raw_worker_hours(interval: int, workers: int) -> float:
+    """What serving `interval` from raw reports costs, in worker-hours: the span of a
+    CHART_POINTS-bucket chart at that interval, times the workers. Judged by the interval,
+    not the range asked for, so that a chart's first load and its incremental refreshes
+    (short ranges at the same interval) are answered at the same interval."""
+    return interval * CHART_POINTS / 3600 * max(workers, 1)
+
+
 def choose_interval(interval: int, from_date: float, now: float, retention: Retention, raw_affordable: bool) -> int:
     """The interval to chart with (SPEC §2): `interval` itself while raw reports can serve
     what no tier does, i.e. when it is a multiple of a tier's resolution, or when the range

@@ -27,3 +27,34 @@ async def company_named(db, name: str) -> str:
 async def user_named(db, company: str, name: str, role: str = "user") -> str:
     """The id of the company's user called `name`, created if missing."""
     return await db.fetchval(_USER_ID, company, uuid.uuid4().hex, name, role)
+
+
+# Companies and users of apiserver tokens keep the apiserver's ids. A name already taken by
+# another id (our own `local` company, say) is stored as "name (id)": the id is the tenant,
+# the name only a label, and the unique name index stays what credentials rely on.
+_ENSURE_COMPANY = """
+WITH named AS (
+    INSERT INTO companies (id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING id
+)
+INSERT INTO companies (id, name) SELECT $1, $2 || ' (' || $1 || ')' WHERE NOT EXISTS (SELECT FROM named)
+ON CONFLICT DO NOTHING
+"""
+
+_ENSURE_USER = """
+WITH named AS (
+    INSERT INTO users (company, id, name, role) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING id
+)
+INSERT INTO users (company, id, name, role) SELECT $1, $2, $3 || ' (' || $2 || ')', $4
+WHERE NOT EXISTS (SELECT FROM named)
+ON CONFLICT DO NOTHING
+"""
+
+
+async def ensure_company(db, company: str, name: str) -> None:
+    """Create the company `company` called `name` unless it exists (idempotent, race-free)."""
+    await db.execute(_ENSURE_COMPANY, company, name)
+
+
+async def ensure_user(db, company: str, user: str, name: str, role: str) -> None:
+    """Create the company's user `user` unless it exists (idempotent, race-free)."""
+    await db.execute(_ENSURE_USER, company, user, name, role)
