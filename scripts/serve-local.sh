@@ -29,8 +29,8 @@ cat <<INFO
   credentials    access_key ${access_key}
                  secret_key ${secret_key}
   try            curl -s -u ${access_key}:${secret_key} http://127.0.0.1:${port}/workers.get_count
-  a daemon       CLEARML_API_HOST=http://127.0.0.1:${port} CLEARML_API_ACCESS_KEY=${access_key} \\
-                 CLEARML_API_SECRET_KEY=${secret_key} clearml-agent daemon --queue default
+  demo fleet     ${python} -m server demo-fleet --workers 12 --url http://127.0.0.1:${port}
+                 (in another terminal: simulated daemons, registered and reporting until Ctrl-C)
 
 INFO
 exec "$python" -m server serve "$@"

@@ -7,14 +7,20 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$("$root/scripts/setup-venv.sh" test | tail -n1)"
 
-# tests/test_compose.py checks the compose files with Debian's docker-compose (no engine needed).
-if ! command -v docker-compose >/dev/null 2>&1; then
+# tests/test_compose.py checks the compose files with Debian's docker-compose (no engine needed);
+# tests/test_daemon_e2e.py runs Debian's nginx, unprivileged, as the routing proxy.
+missing=""
+command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
+if [ -n "$missing" ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "installing docker-compose (apt-get)" >&2
+    echo "installing$missing (apt-get)" >&2
     { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends docker-compose; } >&2 \
-        || echo "could not install docker-compose: tests/test_compose.py will fail" >&2
+        apt-get install -y -qq --no-install-recommends $missing; } >&2 \
+        || echo "could not install$missing: tests/test_compose.py or tests/test_daemon_e2e.py will fail" >&2
+    # The tests start their own nginx; the system service that the package starts is not needed.
+    case "$missing" in *nginx*) $sudo systemctl disable --now nginx >/dev/null 2>&1 || true ;; esac
 fi
 
 if [ -z "${WORKERS_TEST_DSN:-}" ] && ! docker info >/dev/null 2>&1; then

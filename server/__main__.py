@@ -7,6 +7,7 @@
     python -m server credentials list
     python -m server credentials revoke ACCESS_KEY
     python -m server rollups refresh [--since TIME]
+    python -m server demo-fleet [--workers N] [--period S] [--url URL] [--credentials FILE]
 """
 
 import argparse
@@ -17,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import asyncpg
-from . import auth, background, serving
+from . import auth, background, demo, serving
 from .app import create_app
 from .config import Settings
 from .storage import credentials, db, rollups, tenants
@@ -198,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
         help="first rebuild everything from this time on (epoch seconds or ISO-8601): after a bulk import",
     )
     refresh.set_defaults(action=refresh_rollups)
+    demo.add_command(commands)
     return parser
 
 
