@@ -3,7 +3,8 @@
 --
 -- stats_<r>: one row per bucket, company, worker and metric. min/max/sum/count are over
 -- every variant of the metric (what get_stats answers without split_by_variant); the
--- arrays hold the same per variant, in the order of `variants`. activity_<r>: one row per
+-- arrays hold the same per variant, in the order of `variants`, and are NULL when the only
+-- variant is "total" (a scalar metric: most of them). activity_<r>: one row per
 -- bucket and worker that reported in it, with its number of reports and whether any of
 -- them carried a task. Each tier is a hypertable with its own retention.
 -- The public, stable interface is the views below, not these tables.
@@ -17,11 +18,11 @@ CREATE TABLE stats_1m (
     max      double precision   NOT NULL,
     sum      double precision   NOT NULL,
     count    integer            NOT NULL,
-    variants text[]             NOT NULL,
-    mins     double precision[] NOT NULL,
-    maxs     double precision[] NOT NULL,
-    sums     double precision[] NOT NULL,
-    counts   integer[]          NOT NULL
+    variants text[],
+    mins     double precision[],
+    maxs     double precision[],
+    sums     double precision[],
+    counts   integer[]
 );
 CREATE TABLE stats_10m (LIKE stats_1m);
 CREATE TABLE stats_1h (LIKE stats_1m);
@@ -60,16 +61,20 @@ CREATE INDEX activity_10m_worker ON activity_10m (company, worker, time);
 CREATE INDEX activity_1h_time ON activity_1h (company, time);
 CREATE INDEX activity_1h_worker ON activity_1h (company, worker, time);
 
--- Raw reports before the watermark are rolled up into every tier (a tier of resolution r
--- up to the watermark rounded down to r). The batching writer reads it FOR SHARE in its
--- statement, so the refresh's UPDATE waits for every batch in flight: a batch either
--- commits before the watermark moves (and the refresh then sees its rows) or sees the new
--- watermark (and logs its late reports below).
+-- The writer's threshold: reports it stores before `watermark` are logged as late (below).
+-- It reads the row FOR SHARE in its statement, so the refresh's UPDATE of the watermark
+-- waits for every batch in flight: a batch either commits before the watermark moves (and
+-- the refresh, which reads the reports afterwards, sees its rows) or sees the new watermark
+-- (and logs its late reports). `materialized`: every tier holds the buckets before it
+-- (rounded down to the tier's resolution); the refresh moves it up to the watermark in the
+-- transaction that rolls the reports up, so a refresh that fails leaves nothing behind.
 CREATE TABLE rollup_watermark (
-    id        boolean     PRIMARY KEY DEFAULT true CHECK (id),
-    watermark timestamptz NOT NULL
+    id           boolean     PRIMARY KEY DEFAULT true CHECK (id),
+    watermark    timestamptz NOT NULL,
+    materialized timestamptz NOT NULL
 );
-INSERT INTO rollup_watermark (watermark) VALUES (time_bucket('1 minute', now()));
+INSERT INTO rollup_watermark (watermark, materialized)
+VALUES (time_bucket('1 minute', now()), time_bucket('1 minute', now()));
 
 -- Reports stored behind the watermark, per worker: the refresh rolls these periods up
 -- again and deletes the rows. company and worker NULL: every worker (an operator's
@@ -92,19 +97,25 @@ CREATE VIEW worker_stat_rollup_1m AS
 SELECT r.time, r.company, r.worker, split_part(r.metric, '_', 1) AS category, r.metric, v.variant,
        v.min, v.max, v.sum / v.count AS avg, v.sum, v.count
 FROM stats_1m AS r
-CROSS JOIN LATERAL unnest(r.variants, r.mins, r.maxs, r.sums, r.counts) AS v (variant, min, max, sum, count);
+CROSS JOIN LATERAL unnest(
+    coalesce(r.variants, '{total}'), coalesce(r.mins, ARRAY[r.min]), coalesce(r.maxs, ARRAY[r.max]),
+    coalesce(r.sums, ARRAY[r.sum]), coalesce(r.counts, ARRAY[r.count])) AS v (variant, min, max, sum, count);
 
 CREATE VIEW worker_stat_rollup_10m AS
 SELECT r.time, r.company, r.worker, split_part(r.metric, '_', 1) AS category, r.metric, v.variant,
        v.min, v.max, v.sum / v.count AS avg, v.sum, v.count
 FROM stats_10m AS r
-CROSS JOIN LATERAL unnest(r.variants, r.mins, r.maxs, r.sums, r.counts) AS v (variant, min, max, sum, count);
+CROSS JOIN LATERAL unnest(
+    coalesce(r.variants, '{total}'), coalesce(r.mins, ARRAY[r.min]), coalesce(r.maxs, ARRAY[r.max]),
+    coalesce(r.sums, ARRAY[r.sum]), coalesce(r.counts, ARRAY[r.count])) AS v (variant, min, max, sum, count);
 
 CREATE VIEW worker_stat_rollup_1h AS
 SELECT r.time, r.company, r.worker, split_part(r.metric, '_', 1) AS category, r.metric, v.variant,
        v.min, v.max, v.sum / v.count AS avg, v.sum, v.count
 FROM stats_1h AS r
-CROSS JOIN LATERAL unnest(r.variants, r.mins, r.maxs, r.sums, r.counts) AS v (variant, min, max, sum, count);
+CROSS JOIN LATERAL unnest(
+    coalesce(r.variants, '{total}'), coalesce(r.mins, ARRAY[r.min]), coalesce(r.maxs, ARRAY[r.max]),
+    coalesce(r.sums, ARRAY[r.sum]), coalesce(r.counts, ARRAY[r.count])) AS v (variant, min, max, sum, count);
 
 CREATE VIEW worker_metric_rollup_1m AS
 SELECT time, company, worker, split_part(metric, '_', 1) AS category, metric,

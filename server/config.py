@@ -38,7 +38,7 @@ class Settings:
     read_timeout_seconds: float = 30.0
     # Retention of each tier, and the rollups' refresh
     raw_retention_days: float = 7.0
-    rollup_1m_retention_days: float = 31.0
+    rollup_1m_retention_days: float = 8.0
     rollup_10m_retention_days: float = 90.0
     rollup_1h_retention_days: float = 400.0
     retention_sweep_seconds: float = 3600.0

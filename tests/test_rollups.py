@@ -148,6 +148,12 @@ def test_interval_rule():
     assert charts.choose_interval(86, month, now, retention, raw_affordable=True) == 120
     assert charts.choose_interval(120, season, now, retention, raw_affordable=True) == 600
     assert charts.choose_interval(605, year, now, retention, raw_affordable=True) == 3600
+    # Judged by the interval too: a week's chart at 1,000 points and its refresh of a few
+    # minutes agree, as do a month's.
+    retention = Retention(raw_days=7, tier_days={"1m": 8, "10m": 90, "1h": 400})
+    for from_date in (now - 7 * DAY, now - 600):
+        assert charts.choose_interval(604, from_date, now, retention, raw_affordable=False) == 660
+        assert charts.choose_interval(2592, from_date, now, retention, raw_affordable=False) == 3000
 
 
 def test_regions_rebuild_closed_buckets_and_invalidated_ones_without_overlap():

@@ -54,13 +54,16 @@ def raw_worker_hours(interval: int, workers: int) -> float:
 
 
 def choose_interval(interval: int, from_date: float, now: float, retention: Retention, raw_affordable: bool) -> int:
-    """The interval to chart with (SPEC §2): `interval` itself while raw reports can serve
-    what no tier does, i.e. when it is a multiple of a tier's resolution, or when the range
-    lies within the raw retention and reading it raw is `raw_affordable`; otherwise the
-    next multiple of the finest tier that still holds `from_date`."""
-    if from_date >= retention.horizon(None, now) and (interval % FINEST_TIER_SECONDS == 0 or raw_affordable):
+    """The interval to chart with (SPEC §2). How far back the chart reaches is the longer
+    of its range and the span of CHART_POINTS buckets at `interval` (judged by the interval
+    too, so that a first load and its refreshes agree). While raw reports reach that far,
+    `interval` is kept when a tier's resolution divides it or reading it raw is
+    `raw_affordable`; otherwise it is raised to the next multiple of the finest tier that
+    reaches that far."""
+    reach = max(now - from_date, interval * CHART_POINTS)
+    if reach <= retention.days(None) * 86400 and (interval % FINEST_TIER_SECONDS == 0 or raw_affordable):
         return interval
-    tier = next((tier for tier in TIERS if from_date >= retention.horizon(tier, now)), TIERS[-1])
+    tier = next((tier for tier in TIERS if reach <= retention.days(tier) * 86400), TIERS[-1])
     return math.ceil(interval / tier.seconds) * tier.seconds
 
 

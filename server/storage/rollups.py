@@ -63,13 +63,17 @@ WHERE to_timestamp(r.low) < w.watermark
 """
 
 _ADVANCE = """
-UPDATE rollup_watermark AS w
+UPDATE rollup_watermark
 SET watermark = greatest(
-    o.watermark,
-    least(time_bucket('1 minute', now() - make_interval(secs => $1)), o.watermark + make_interval(secs => $2)))
-FROM (SELECT watermark FROM rollup_watermark FOR UPDATE) AS o
-RETURNING extract(epoch FROM o.watermark)::float8 AS old, extract(epoch FROM w.watermark)::float8 AS new
+    watermark,
+    least(time_bucket('1 minute', now() - make_interval(secs => $1)), materialized + make_interval(secs => $2)))
 """
+
+_PROGRESS = """
+SELECT extract(epoch FROM materialized)::float8, extract(epoch FROM watermark)::float8 FROM rollup_watermark
+"""
+
+_MATERIALIZED = "UPDATE rollup_watermark SET materialized = to_timestamp($1)"
 
 _TAKE_INVALIDATIONS = """
 DELETE FROM rollup_invalidations
@@ -84,11 +88,11 @@ WHERE watermark > to_timestamp($1)
 
 _COMPANIES = "SELECT id FROM companies"
 
-# Reads need the watermark, and the earliest pending invalidation of the company: rollups
-# are exact only before both.
+# Rollups are exact before what they hold and before the company's earliest pending
+# invalidation.
 _READ_STATE = """
 SELECT extract(epoch FROM least(
-           (SELECT watermark FROM rollup_watermark),
+           (SELECT materialized FROM rollup_watermark),
            (SELECT min(low) FROM rollup_invalidations WHERE company = $1 OR company IS NULL)))::float8
 """
 
@@ -118,13 +122,25 @@ _ACTIVITY_COLUMNS = ["time", "company", "worker", "reports", "busy"]
 
 # Per-variant aggregates of the source, combined into one row per bucket, worker and metric.
 _STATS_INSERT = """INSERT INTO {table} (""" + _STATS_COLUMNS + """)
-SELECT time, company, worker, metric, min(min), max(max), sum(sum), sum(count)::integer,
-       array_agg(variant ORDER BY variant), array_agg(min ORDER BY variant), array_agg(max ORDER BY variant),
-       array_agg(sum ORDER BY variant), array_agg(count ORDER BY variant)
-FROM ({per_variant}) AS per_variant
-GROUP BY time, company, worker, metric
+SELECT time, company, worker, metric, min, max, sum, count,
+       nullif(variants, ARRAY['total']),
+       CASE WHEN variants <> ARRAY['total'] THEN mins END, CASE WHEN variants <> ARRAY['total'] THEN maxs END,
+       CASE WHEN variants <> ARRAY['total'] THEN sums END, CASE WHEN variants <> ARRAY['total'] THEN counts END
+FROM (
+    SELECT time, company, worker, metric, min(min) AS min, max(max) AS max, sum(sum) AS sum,
+           sum(count)::integer AS count, array_agg(variant ORDER BY variant) AS variants,
+           array_agg(min ORDER BY variant) AS mins, array_agg(max ORDER BY variant) AS maxs,
+           array_agg(sum ORDER BY variant) AS sums, array_agg(count ORDER BY variant) AS counts
+    FROM ({per_variant}) AS per_variant
+    GROUP BY time, company, worker, metric
+) AS combined
 ORDER BY company, metric, worker, time
 """
+
+# A row's variants, as rows: a scalar metric's row (NULL arrays) is its one variant "total".
+VARIANTS = """unnest(
+    coalesce(s.variants, ARRAY['total']), coalesce(s.mins, ARRAY[s.min]), coalesce(s.maxs, ARRAY[s.max]),
+    coalesce(s.sums, ARRAY[s.sum]), coalesce(s.counts, ARRAY[s.count])) AS v (variant, min, max, sum, count)"""
 
 # The 1-minute tier is rolled up in Python from the raw reports (see `_minute_rollups`):
 # unpacking jsonb with jsonb_each costs the database about six times more.
@@ -137,7 +153,7 @@ _STATS_FROM_TIER = """
 SELECT time_bucket(make_interval(secs => $7), s.time) AS time, s.company, s.worker, s.metric, v.variant,
        min(v.min) AS min, max(v.max) AS max, sum(v.sum) AS sum, sum(v.count)::integer AS count
 FROM {in_region}
-CROSS JOIN LATERAL unnest(s.variants, s.mins, s.maxs, s.sums, s.counts) AS v (variant, min, max, sum, count)
+CROSS JOIN LATERAL {variants}
 GROUP BY 1, 2, 3, 4, 5
 """
 
@@ -151,7 +167,7 @@ GROUP BY 1, 2, 3
 def _rebuild_statements(tier: Tier, source: Tier) -> tuple[str, str]:
     """The statements that roll `tier`'s stats and activity up from `source` in the regions;
     $7 is the tier's resolution in seconds."""
-    stats_rows = _STATS_FROM_TIER.format(in_region=_IN_REGION.format(source=source.stats))
+    stats_rows = _STATS_FROM_TIER.format(in_region=_IN_REGION.format(source=source.stats), variants=VARIANTS)
     stats = _REGIONS + _STATS_INSERT.format(table=tier.stats, per_variant=stats_rows)
     activity = _REGIONS + _ACTIVITY_FROM_TIER.format(
         table=tier.activity, in_region=_IN_REGION.format(source=source.activity)
@@ -179,7 +195,7 @@ _STATS_PART_BY_VARIANT = f"""
 SELECT s.worker, s.metric, v.variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
        {{min}}(v.min) AS min, {{max}}(v.max) AS max, {{sum}}(v.sum) AS sum, {{sum}}(v.count) AS count
 FROM {{table}} AS s
-CROSS JOIN LATERAL unnest(s.variants, s.mins, s.maxs, s.sums, s.counts) AS v (variant, min, max, sum, count)
+CROSS JOIN LATERAL {VARIANTS}
 WHERE s.company = $1 AND s.metric = ANY($3::text[])
   AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
 {{group}}"""
@@ -302,10 +318,12 @@ class Retention:
     raw_days: float
     tier_days: dict[str, float]
 
+    def days(self, source: Tier | None) -> float:
+        return self.raw_days if source is None else self.tier_days[source.name]
+
     def horizon(self, source: Tier | None, now: float) -> float:
         """The earliest time whose data `source` (None: raw) still holds."""
-        days = self.raw_days if source is None else self.tier_days[source.name]
-        return now - days * 86400
+        return now - self.days(source) * 86400
 
 
 @dataclass(frozen=True)
@@ -317,12 +335,13 @@ class RefreshResult:
 
 
 async def refresh_once(conn: asyncpg.Connection, retention: Retention, *, lag: float, max_step: float) -> RefreshResult:
-    """Move the watermark (at most `max_step` seconds, never closer than `lag` to now) and
-    rebuild what closed or was invalidated. The caller holds REFRESH_LOCK."""
-    async with conn.transaction():
-        old, new = await conn.fetchrow(_ADVANCE, lag, max_step)
+    """Move the watermark (at most `max_step` seconds past what is materialized, never
+    closer than `lag` to now), then roll up what closed before it and what was invalidated.
+    The caller holds REFRESH_LOCK."""
+    await conn.execute(_ADVANCE, lag, max_step)  # a transaction of its own: writers wait on it
     now = time.time()
     async with conn.transaction(isolation="repeatable_read"):
+        old, new = await conn.fetchrow(_PROGRESS)
         taken = [Invalidation(*row) for row in await conn.fetch(_TAKE_INVALIDATIONS)]
         companies = [row["id"] for row in await conn.fetch(_COMPANIES)]
         rebuilt = 0
@@ -332,6 +351,7 @@ async def refresh_once(conn: asyncpg.Connection, retention: Retention, *, lag: f
             rebuilt += len(todo)
             for batch in _batches(todo, SECONDS_PER_STATEMENT * tier.seconds // 60):
                 await _rebuild(conn, tier, batch)
+        await conn.execute(_MATERIALIZED, new)
     return RefreshResult(old, new, len(taken), rebuilt)
 
 
@@ -397,9 +417,8 @@ def _minute_rollups(reports: list) -> tuple[list[tuple], list[tuple]]:
     for (bucket, company, worker, metric), aggregates in per_metric.items():
         variants = sorted(aggregates)
         mins, maxs, sums, counts = (list(column) for column in zip(*(aggregates[v] for v in variants)))
-        stats.append(
-            (_utc(bucket), company, worker, metric, min(mins), max(maxs), sum(sums), sum(counts), variants, mins, maxs, sums, counts)
-        )
+        per_variant = (variants, mins, maxs, sums, counts) if variants != ["total"] else (None,) * 5
+        stats.append((_utc(bucket), company, worker, metric, min(mins), max(maxs), sum(sums), sum(counts), *per_variant))
     activity = [(_utc(bucket), company, worker, n, busy) for (bucket, company, worker), (n, busy) in per_worker.items()]
     return stats, activity
 
