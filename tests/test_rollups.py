@@ -156,6 +156,19 @@ def test_interval_rule():
         assert charts.choose_interval(2592, from_date, now, retention, raw_affordable=False) == 3000
 
 
+def test_a_chart_of_the_last_days_of_raw_retention_starts_where_it_asks():
+    """Raw reports are dropped by whole days: a chart of the last 7 days (7 days kept) still
+    finds the reports of its first, partial bucket; one starting 8 days back reads it whole."""
+    now = BASE + 100 * DAY + 4321.5
+    retention = Retention(raw_days=7, tier_days={"1m": 8, "10m": 90, "1h": 400})
+    week_ago = now - 7 * DAY - 0.25
+    first = math.floor(week_ago / 3600) * 3600
+    assert charts.read_range(week_ago, now, first, first + 169 * 3600, now, retention)[0] == week_ago
+    eight_days_ago = now - 8 * DAY
+    first = math.floor(eight_days_ago / 3600) * 3600
+    assert charts.read_range(eight_days_ago, now, first, first + 193 * 3600, now, retention)[0] == first
+
+
 def test_regions_rebuild_closed_buckets_and_invalidated_ones_without_overlap():
     late = [
         Invalidation("a", "w1", BASE + 70, BASE + 130),

@@ -322,8 +322,16 @@ class Retention:
         return self.raw_days if source is None else self.tier_days[source.name]
 
     def horizon(self, source: Tier | None, now: float) -> float:
-        """The earliest time whose data `source` (None: raw) still holds."""
-        return now - self.days(source) * 86400
+        """The earliest time whose data `source` (None: raw) still holds whole.
+
+        Retention drops a chunk once all of it is older than the retention, so what lies in
+        the chunk holding `now - days` is still there. Raw reports and the 1-minute tier
+        have chunks of one UTC day (migrations): their horizon is the start of that day, so
+        that a chart of the last N days, N their retention, starts inside it."""
+        oldest = now - self.days(source) * 86400
+        if source is None or source is TIERS[0]:
+            return math.floor(oldest / 86400) * 86400
+        return oldest
 
 
 @dataclass(frozen=True)
