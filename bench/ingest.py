@@ -29,14 +29,10 @@ database is down) was seen, else 1.
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
 import resource
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +40,6 @@ import threading
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -53,18 +48,30 @@ import aiohttp
 import asyncpg
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
-LUA_SCRIPT = ROOT / "bench" / "report.lua"
-LOCAL_DB_SCRIPT = ROOT / "scripts" / "local-timescaledb.sh"
-LOCAL_DSN = "postgresql://postgres@127.0.0.1:55432/workers"
-HOST = "127.0.0.1"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from bench.common import (
+    GPU_KEYS,
+    HOST,
+    ROOT,
+    SCALARS,
+    ServerProcess,
+    cpu_seconds,
+    create_credentials,
+    every_process,
+    free_port,
+    http_json,
+    local_db,
+    log,
+    login,
+    median,
+    mib,
+    parent_of,
+    resolve_dsn,
+    worker_shape,
+)
 
-# The report shapes and values of bench/report.lua (keep the two in step).
-CORES = (4, 8, 16)
-GPUS = (0, 0, 0, 1, 1, 2, 2, 4)
-SCALARS = ("memory_used", "memory_free", "disk_free_home", "disk_read", "disk_write", "network_tx", "network_rx")
-GPU_KEYS = ("gpu_usage", "gpu_temperature", "gpu_memory_used", "gpu_memory_free")
+LUA_SCRIPT = ROOT / "bench" / "report.lua"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# The values of bench/report.lua (keep the two in step).
 MODULUS, STEP_IDX, STEP_K = 100_000, 7919, 104_729
 
 DRAIN_SECONDS = 2  # normal rounds: wrk runs this long after it stops sending
@@ -74,15 +81,6 @@ FAULT_STOP_AT = 5.0
 FAULT_START_AT = 10.0
 FAULT_ANSWER_TIMEOUT = 5  # WORKERS_WRITER_ANSWER_TIMEOUT of the server in a --fault run
 HANG_MARGIN_S = 2.0  # a fault-round answer may take the answer timeout plus this
-
-
-def worker_shape(worker_number: int) -> tuple[int, int]:
-    return CORES[worker_number % 3], GPUS[(worker_number // 3) % 8]
-
-
-def values_per_report(worker_number: int) -> int:
-    cores, gpus = worker_shape(worker_number)
-    return cores + 1 + len(SCALARS) + len(GPU_KEYS) * gpus
 
 
 def expected_report(idx: int, fleet: int) -> tuple[str, dict]:
@@ -110,84 +108,14 @@ def expected_report(idx: int, fleet: int) -> tuple[str, dict]:
 # ------------------------------------------------------------------------- helpers
 
 
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def local_db(command: str, timeout: float = 600) -> tuple[int, str]:
-    """Run scripts/local-timescaledb.sh COMMAND; its exit status and last stdout line."""
-    done = subprocess.run(
-        [str(LOCAL_DB_SCRIPT), command], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-    lines = done.stdout.strip().splitlines()
-    if done.returncode not in (0, 3):
-        log(f"local-timescaledb.sh {command} failed ({done.returncode}):\n{done.stderr.strip()}")
-    return done.returncode, (lines[-1] if lines else "")
-
-
-def read_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in KiB (empty when it is gone)."""
-    found = {}
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    name, value = line.split(":", 1)
-                    found[name] = int(value.split()[0])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return {}
-    return found
-
-
-def _stat_fields(pid: int | str) -> tuple[str, list[str]] | None:
-    """A process's name and the fields of /proc/PID/stat after it (None: it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            text = stat.read()
-    except OSError:
-        return None
-    # pid (comm) state ppid ...: comm may hold spaces and parentheses.
-    return text[text.find("(") + 1 : text.rfind(")")], text[text.rfind(")") + 2 :].split()
-
-
-def _every_process():
-    """(pid, name, stat fields after the name) of every running process."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (found := _stat_fields(entry)) is not None:
-            yield int(entry), *found
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time a process has used so far."""
-    found = _stat_fields(pid)
-    if found is None:
-        return None
-    fields_after_comm = found[1]
-    return (int(fields_after_comm[11]) + int(fields_after_comm[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def postgres_cpu_seconds() -> float:
     """CPU time of every PostgreSQL process, and of the backends they have reaped."""
     total = sum(
         sum(int(value) for value in fields_after_comm[11:15])
-        for _, name, fields_after_comm in _every_process()
+        for _, name, fields_after_comm in every_process()
         if name == "postgres"
     )
     return total / os.sysconf("SC_CLK_TCK")
-
-
-def children_of(pid: int) -> list[int]:
-    return [
-        child
-        for child, _, fields_after_comm in _every_process()
-        if len(fields_after_comm) > 1 and int(fields_after_comm[1]) == pid
-    ]
 
 
 def listening_processes(port: int) -> list[int]:
@@ -201,7 +129,7 @@ def listening_processes(port: int) -> list[int]:
                 if int(columns[1].rsplit(":", 1)[1], 16) == port and columns[3] == "0A":  # 0A: LISTEN
                     inodes.add(f"socket:[{columns[9]}]")
     found = []
-    for pid, _, _ in _every_process():
+    for pid, _, _ in every_process():
         with contextlib.suppress(OSError):
             if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
                 found.append(pid)
@@ -211,90 +139,7 @@ def listening_processes(port: int) -> list[int]:
     return found
 
 
-def parent_of(pid: int) -> int:
-    """A process's parent (0: it is gone)."""
-    found = _stat_fields(pid)
-    return int(found[1][1]) if found else 0
-
-
-def http_json(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 5) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url, data=orjson.dumps(body or {}), headers={"Content-Type": "application/json", **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, orjson.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        return error.code, orjson.loads(error.read() or b"{}")
-
-
 # ------------------------------------------------------------------------- servers
-
-
-class ServerProcess:
-    """A gunicorn server (master + workers) started as a subprocess in its own session."""
-
-    def __init__(self, name: str, argv: list[str], port: int, env: dict, log_path: Path):
-        self.name, self.argv, self.port, self.env, self.log_path = name, argv, port, env, log_path
-        self.process: subprocess.Popen | None = None
-        self.peak_kib: dict[int, int] = {}  # pid -> peak RSS (KiB)
-        self.cpu: dict[int, float] = {}  # pid -> CPU seconds used (last sample)
-        self.roles: dict[int, str] = {}
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def start(self) -> None:
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            self.argv, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.roles[self.process.pid] = "master"
-
-    def wait_ready(self, processes: int, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited with {self.process.returncode}: see {self.log_path}")
-            try:
-                http_json(f"{self.url}/workers.get_count", {}, timeout=2)
-                if len(children_of(self.process.pid)) >= processes:
-                    time.sleep(1.0 if processes > 1 else 0.2)  # let the other workers finish starting
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} server did not answer within {timeout:.0f} s: see {self.log_path}")
-
-    def pids(self) -> list[int]:
-        if self.process is None or self.process.poll() is not None:
-            return []
-        return [self.process.pid, *children_of(self.process.pid)]
-
-    def sample(self) -> None:
-        for pid in self.pids():
-            self.roles.setdefault(pid, "worker")
-            status = read_status(pid)
-            if status:
-                self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), status.get("VmRSS", 0), status.get("VmHWM", 0))
-            used = cpu_seconds(pid)
-            if used is not None:
-                self.cpu[pid] = used
-
-    def stop(self, timeout: float = 45) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.sample()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log(f"{self.name} server did not stop within {timeout:.0f} s after SIGTERM: killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        self._log.close()
 
 
 class RunningServer(ServerProcess):
@@ -498,44 +343,6 @@ class DatabaseFault(threading.Thread):
 # ------------------------------------------------------------------------- setup
 
 
-def resolve_dsn() -> tuple[str, bool]:
-    """The database DSN, and whether it is the local cluster (started when needed)."""
-    dsn = os.environ.get("WORKERS_DB_DSN")
-    if dsn is None:
-        code, last = local_db("status")
-        if code != 0:
-            log("starting the local TimescaleDB (scripts/local-timescaledb.sh start)")
-            code, last = local_db("start")
-            if code != 0:
-                raise SystemExit("could not start the local TimescaleDB")
-        return last or LOCAL_DSN, True
-    code, last = local_db("status")
-    return dsn, code == 0 and last == dsn
-
-
-def create_credentials(dsn: str, company: str) -> dict[str, str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "credentials", "create", "--company", company, "--user", "bench"],
-        cwd=ROOT, env={**os.environ, "WORKERS_DB_DSN": dsn}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise SystemExit(f"credentials create failed: {done.stderr.strip()}")
-    found = dict(line.split(None, 1) for line in done.stdout.splitlines() if " " in line)
-    return {"access_key": found["access_key"].strip(), "secret_key": found["secret_key"].strip()}
-
-
-def login(server: ServerProcess, access_key: str, secret_key: str) -> tuple[str, str]:
-    """A token, and the company id it carries."""
-    basic = base64.b64encode(f"{access_key}:{secret_key}".encode()).decode()
-    status, answer = http_json(f"{server.url}/auth.login", {}, {"Authorization": f"Basic {basic}"}, timeout=30)
-    if status != 200:
-        raise SystemExit(f"auth.login answered {status}: {answer.get('meta', {}).get('result_msg')}")
-    token = answer["data"]["token"]
-    payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    return token, claims["identity"]["company"]
-
-
 async def register_fleet(url: str, token: str, fleet: int, concurrency: int = 64) -> None:
     failures: list[str] = []
     semaphore = asyncio.Semaphore(concurrency)
@@ -633,14 +440,6 @@ async def loss_check(dsn: str, company: str, fleet: int, start_ms: int, rounds: 
 
 
 # ------------------------------------------------------------------------- output
-
-
-def mib(kib: int) -> str:
-    return f"{kib / 1024:.0f} MiB"
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def status_text(statuses: dict[int, int]) -> str:

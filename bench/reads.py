@@ -1,0 +1,822 @@
+"""Read benchmark: chart reads served by the rollups against the raw-only path.
+
+    bench/reads.sh [--workers 200] [--days 1] [--period 10] [--runs 5] [--reload] [--database NAME]
+
+(`bench/reads.sh` prepares the venv and the local database, then runs
+`python -m bench.reads` with the same arguments.)
+
+On the cluster of WORKERS_DB_DSN (default: the local one of scripts/local-timescaledb.sh)
+it keeps a database of its own (--database, default `workers_bench_reads`: keep a 7-day
+history in another one), and in it:
+
+1. a fleet's history, ending now: one agent-shaped report per worker every --period
+   seconds for --days days (workers of 4, 8 or 16 cores and 0 to 4 GPUs, values that vary
+   over time, running a task in some half hours, idle or offline in others), copied
+   straight into `worker_stats` (COPY) in a company of its own. A history loaded before
+   with the same options and migrations, ending less than --days ago, is reused and topped
+   up to now; else (or with --reload) the database is dropped and loaded afresh;
+2. brings the rollups up to date with `python -m server rollups refresh --since START`
+   (START: the history's start, or the end of the reused one), VACUUM ANALYZE (what
+   autovacuum does to settled data), then tops the history up to now once more and
+   refreshes that too: the rollups end a minute or so (the refresh's lag) before the
+   history, so the end of every read comes from raw rows after the watermark, as in service;
+3. starts two servers (`python -m server serve`): one reading rollups, one reading raw
+   reports only (WORKERS_READ_FROM_ROLLUPS=false);
+4. times every read through each server's HTTP API, ending at the history's end (median
+   of --runs; a read slower than 2 s runs once): get_stats of the fleet (24 h @ 600 s), of
+   one worker (4 metrics, 24 h @ 120 s), of ten workers (1 h @ 40 s), get_activity_report
+   (24 h @ 600 s), and with --days 7 or more the fleet over 7 days @ 3600 s; and the SQL
+   of every Grafana panel (bench/grafana_sql.py) over 24 h with asyncpg, beside the same
+   SQL reading raw reports in place of each rollup view. The two paths' answers are
+   compared whole;
+5. prints the load, the storage of every tier, and the results table.
+
+Exit status 1 when any answer differs between the two paths, or any read fails.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import orjson
+
+from bench.common import (
+    GPU_KEYS,
+    HOST,
+    ROOT,
+    SCALARS,
+    ServerProcess,
+    create_credentials,
+    free_port,
+    log,
+    login,
+    median,
+    resolve_dsn,
+    worker_shape,
+)
+
+DEFAULT_DATABASE = "workers_bench_reads"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+DAY = 86400
+TASK_BLOCK = 1800  # a worker is busy, idle or offline for whole half hours
+SLOW_RUN_SECONDS = 2.0  # a read slower than this once is not run again
+AVG_TOLERANCE = 1e-9  # relative; min, max and counts must be equal
+RAW_READ_TIMEOUT = 900  # seconds: the raw-only server's read timeout, and the client's
+# Grafana asks for range / max data points (about 1,000 for a wide panel) and rounds it:
+# 24 h gives 86 s, which it rounds to 1 m.
+GRAFANA_INTERVAL = 60
+HYPERTABLES = ("worker_stats", "stats_1m", "stats_10m", "stats_1h", "activity_1m", "activity_10m", "activity_1h")
+
+# ------------------------------------------------------------------------- the fleet's history
+
+
+def worker_id(number: int) -> str:
+    return f"bench-{number}"
+
+
+def _mix(*numbers: int) -> int:
+    """A cheap deterministic hash of small integers."""
+    value = 0
+    for number in numbers:
+        value = (value * 1_000_003 + number * 2_654_435_761) % 4_294_967_291
+    return value
+
+
+def block_state(number: int, block: int) -> str:
+    """What worker `number` does in half hour `block`: "busy" (a task), "idle" or "offline"."""
+    roll = _mix(number, block) % 100
+    return "offline" if roll < 4 else "busy" if roll < 64 else "idle"
+
+
+def report_metrics(number: int, step: int, busy: bool) -> dict:
+    """The stored metrics `{metric: {variant: value}}` of worker `number`'s report `step`,
+    with the precision an agent's values have (psutil percentages to 0.1, memory in MiB
+    of 4 KiB pages, rates to 1e-6)."""
+    cores, gpus = worker_shape(number)
+    base = 60 if busy else 2
+    wave = _mix(number, step)
+    metrics = {
+        "cpu_usage": {str(core): (base * 10 + (wave >> core) % 400) / 10 for core in range(cores)},
+        "cpu_temperature": {"0": float(40 + base // 3 + wave % 15)},
+    }
+    total_pages = 1_048_576 * cores  # 4 GiB per core
+    used_pages = total_pages // (2 if busy else 8) + wave % 262_144
+    scalars = {
+        "memory_used": used_pages / 256,
+        "memory_free": (total_pages - used_pages) / 256,
+        "disk_free_home": 400_000 + (wave % 100_000) / 256,
+        "disk_read": (wave >> 1) % 50_000_000 / 1e6,
+        "disk_write": (wave >> 2) % 20_000_000 / 1e6,
+        "network_tx": (wave >> 3) % 30_000_000 / 1e6,
+        "network_rx": (wave >> 4) % 90_000_000 / 1e6,
+    }
+    for key in SCALARS:
+        metrics[key] = {"total": scalars[key]}
+    if gpus:
+        gpu_values = {
+            "gpu_usage": lambda gpu: float((base + (wave >> gpu) % 40) if busy else 0),
+            "gpu_temperature": lambda gpu: float(35 + base // 2 + (wave >> gpu) % 10),
+            "gpu_memory_used": lambda gpu: float((20_000 if busy else 500) + (wave >> gpu) % 4096),
+            "gpu_memory_free": lambda gpu: float((4_000 if busy else 23_500) - (wave >> gpu) % 4096),
+        }
+        for key in GPU_KEYS:
+            metrics[key] = {str(gpu): gpu_values[key](gpu) for gpu in range(gpus)}
+    return metrics
+
+
+def metric_keys(number: int) -> list[str]:
+    return list(report_metrics(number, 0, False))
+
+
+def report_rows(company: str, workers: int, period: int, low_ms: int, high_ms: int) -> Iterator[tuple]:
+    """Every report of the fleet in [low_ms, high_ms), in time order: worker n reports at
+    k * period + its own offset within the period, so any two ranges join without gap or
+    overlap. Rows: (time, company, worker, task, metrics as JSON text)."""
+    period_ms = period * 1000
+    offsets = [number * period_ms // workers for number in range(workers)]
+    ids = [worker_id(number) for number in range(workers)]
+    for step in range(low_ms // period_ms - 1, high_ms // period_ms + 1):
+        for number, offset in enumerate(offsets):
+            moment_ms = step * period_ms + offset
+            if not low_ms <= moment_ms < high_ms:
+                continue
+            block = moment_ms // (TASK_BLOCK * 1000)
+            state = block_state(number, block)
+            if state == "offline":
+                continue
+            busy = state == "busy"
+            yield (
+                EPOCH + timedelta(milliseconds=moment_ms),
+                company,
+                ids[number],
+                f"task-{number}-{block}" if busy else None,
+                orjson.dumps(report_metrics(number, step, busy)).decode(),
+            )
+
+
+# ------------------------------------------------------------------------- the database
+
+
+def database_dsn(cluster_dsn: str, name: str) -> str:
+    """`cluster_dsn` with its database replaced by `name`."""
+    parts = urllib.parse.urlsplit(cluster_dsn)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def migrations_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "migrations").glob("*.sql")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+async def recreate_database(cluster_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(cluster_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def database_exists(cluster_dsn: str, name: str) -> bool:
+    conn = await asyncpg.connect(cluster_dsn)
+    try:
+        return await conn.fetchval("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)", name)
+    finally:
+        await conn.close()
+
+
+def run_server_command(dsn: str, *arguments: str, timeout: float = 7200) -> str:
+    """Run `python -m server ARGUMENTS` on database `dsn`; its standard output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "server", *arguments],
+        cwd=ROOT, env={**os.environ, "WORKERS_DB_DSN": dsn}, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"python -m server {' '.join(arguments)} failed:\n{done.stderr.strip()[-3000:]}")
+    return done.stdout.strip()
+
+
+@dataclass
+class History:
+    """The loaded history, as recorded in the bench database (table bench_reads_history)."""
+
+    company: str  # id
+    company_name: str
+    workers: int
+    period: int
+    days: float
+    migrations: str  # digest of migrations/ when loaded
+    start: float  # epoch seconds: the first report's time
+    end: float  # epoch seconds: where the last top-up ended
+    rows: int = 0
+    load_seconds: float = 0.0
+
+    def matches(self, args: argparse.Namespace) -> bool:
+        return (self.workers, self.period, self.days, self.migrations) == (
+            args.workers, args.period, args.days, migrations_digest())  # fmt: skip
+
+
+_HISTORY_TABLE = """
+CREATE TABLE IF NOT EXISTS bench_reads_history (
+    company text, company_name text, workers integer, period integer, days float8, migrations text,
+    start float8, "end" float8, rows bigint, load_seconds float8)
+"""
+
+
+async def saved_history(conn: asyncpg.Connection) -> History | None:
+    await conn.execute(_HISTORY_TABLE)
+    row = await conn.fetchrow("SELECT * FROM bench_reads_history")
+    return History(**dict(row)) if row else None
+
+
+async def save_history(conn: asyncpg.Connection, history: History) -> None:
+    await conn.execute(_HISTORY_TABLE)
+    async with conn.transaction():
+        await conn.execute("DELETE FROM bench_reads_history")
+        await conn.execute(
+            "INSERT INTO bench_reads_history VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            history.company, history.company_name, history.workers, history.period, history.days,
+            history.migrations, history.start, history.end, history.rows, history.load_seconds,
+        )  # fmt: skip
+
+
+async def copy_reports(conn: asyncpg.Connection, history: History, low: float, high: float) -> int:
+    """Copy the fleet's reports in [low, high) into worker_stats, an hour per COPY; the rows copied."""
+    copied = 0
+    low_ms, high_ms = int(low * 1000), int(high * 1000)
+    last_log = time.monotonic()
+    for chunk_low in range(low_ms, high_ms, 3_600_000):
+        # A generator: PostgreSQL stores rows while the next ones are made.
+        rows = report_rows(history.company, history.workers, history.period, chunk_low, min(chunk_low + 3_600_000, high_ms))
+        status = await conn.copy_records_to_table(
+            "worker_stats", records=rows, columns=("time", "company", "worker", "task", "metrics")
+        )
+        copied += int(status.split()[-1])  # "COPY n"
+        if time.monotonic() - last_log > 15:
+            last_log = time.monotonic()
+            log(f"  {copied:,} reports copied, up to {EPOCH + timedelta(milliseconds=chunk_low + 3_600_000):%Y-%m-%d %H:%M}")
+    return copied
+
+
+async def record_metric_keys(conn: asyncpg.Connection, history: History) -> None:
+    last_reported = EPOCH + timedelta(seconds=history.end)
+    await conn.copy_records_to_table(
+        "worker_metric_keys",
+        records=[
+            (history.company, worker_id(number), metric, last_reported)
+            for number in range(history.workers)
+            for metric in metric_keys(number)
+        ],
+        columns=("company", "worker", "metric", "last_reported"),
+    )
+
+
+def new_company(dsn: str, name: str) -> str:
+    """Create the company (with an access key nobody uses) and return its id."""
+    create_credentials(dsn, name)
+    return asyncio.run(_company_id(dsn, name))
+
+
+async def _company_id(dsn: str, name: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT id FROM companies WHERE name = $1", name)
+    finally:
+        await conn.close()
+
+
+def prepare_history(cluster_dsn: str, dsn: str, args: argparse.Namespace) -> tuple[History, float, str]:
+    """The history to read, loaded or topped up to now; the time from which the rollups
+    must be rebuilt; and what was done."""
+    saved = asyncio.run(_saved_history(cluster_dsn, args.database, dsn))
+    now = time.time()
+    if saved is not None and saved.matches(args) and not args.reload and now - saved.end < args.days * DAY:
+        log(f"reusing the history of company {saved.company_name} ({saved.rows:,} reports); topping it up to now")
+        since, loaded_before = saved.end, saved.load_seconds
+        copied = asyncio.run(top_up(dsn, saved, now))
+        note = (f"reused (loaded before in {loaded_before:,.0f} s), topped up with {copied:,} reports "
+                f"in {saved.load_seconds - loaded_before:,.1f} s")  # fmt: skip
+        return saved, since, note
+    reason = "--reload" if args.reload else "none loaded yet" if saved is None else "other options or migrations"
+    log(f"loading a new history ({reason}): database {args.database} recreated")
+    asyncio.run(recreate_database(cluster_dsn, args.database))
+    log(run_server_command(dsn, "migrate"))
+    name = f"bench-reads-{time.strftime('%Y%m%d-%H%M%S')}"
+    start = now - args.days * DAY
+    history = History(new_company(dsn, name), name, args.workers, args.period, args.days, migrations_digest(), start, start)
+    asyncio.run(top_up(dsn, history, now))
+    note = f"loaded in {history.load_seconds:,.1f} s ({history.rows / history.load_seconds:,.0f} reports/s, COPY)"
+    return history, start, note
+
+
+async def _saved_history(cluster_dsn: str, database: str, dsn: str) -> History | None:
+    if not await database_exists(cluster_dsn, database):
+        return None
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await saved_history(conn)
+    finally:
+        await conn.close()
+
+
+async def top_up(dsn: str, history: History, until: float) -> int:
+    """Copy the reports from the history's end to `until`, and record the new end."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        began = time.monotonic()
+        copied = await copy_reports(conn, history, history.end, until)
+        if history.rows == 0:
+            await record_metric_keys(conn, history)
+        history.end = until
+        history.rows += copied
+        history.load_seconds += time.monotonic() - began
+        await save_history(conn, history)
+        return copied
+    finally:
+        await conn.close()
+
+
+def refresh_rollups(dsn: str, since: float) -> float:
+    """Run the project's refresh, rebuilding every tier from `since` on; the seconds it took."""
+    began = time.monotonic()
+    log(run_server_command(dsn, "rollups", "refresh", "--since", f"{since:.3f}"))
+    return time.monotonic() - began
+
+
+def catch_up(dsn: str, history: History) -> None:
+    """Top the history up to now and refresh what was added. Copied rows bypass the writer,
+    which logs reports stored behind the watermark: the refresh since the top-up's start
+    stands in for it. The rollups then end about a minute (the refresh's lag) before the
+    history, as in service."""
+    added_since = history.end
+    asyncio.run(top_up(dsn, history, time.time()))
+    refresh_rollups(dsn, added_since)
+
+
+async def vacuum_analyze(dsn: str) -> float:
+    """VACUUM ANALYZE every hypertable (what autovacuum does to settled data); seconds taken."""
+    began = time.monotonic()
+    conn = await asyncpg.connect(dsn)
+    try:
+        for table in HYPERTABLES:
+            await conn.execute(f"VACUUM ANALYZE {table}", timeout=3600)
+    finally:
+        await conn.close()
+    return time.monotonic() - began
+
+
+async def storage(dsn: str) -> dict[str, int]:
+    """Bytes of every hypertable, chunks and indexes included."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {table: await conn.fetchval("SELECT hypertable_size($1::regclass)", table) for table in HYPERTABLES}
+    finally:
+        await conn.close()
+
+
+async def database_facts(dsn: str, company: str) -> dict[str, object]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        watermark = await conn.fetchval("SELECT extract(epoch FROM watermark)::float8 FROM rollup_watermark")
+        return {
+            "postgres": await conn.fetchval("SHOW server_version"),
+            "timescaledb": await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"),
+            "shared_buffers": await conn.fetchval("SHOW shared_buffers"),
+            "watermark": watermark,
+            "pending": await conn.fetchval("SELECT count(*) FROM rollup_invalidations"),
+            "reports": await conn.fetchval("SELECT count(*) FROM worker_stats WHERE company = $1", company),
+        }
+    finally:
+        await conn.close()
+
+
+# ------------------------------------------------------------------------- reads
+
+
+@dataclass
+class Read:
+    name: str
+    target_ms: float
+    endpoint: str = ""  # workers.* (HTTP) ...
+    body: dict = field(default_factory=dict)
+    sql: str = ""  # ... or a Grafana panel's SQL, and its raw-only counterpart
+    raw_sql: str = ""
+
+
+@dataclass
+class Timing:
+    runs_ms: list[float] = field(default_factory=list)
+    answer: object = None
+    error: str = ""
+
+    @property
+    def median_ms(self) -> float:
+        return median(self.runs_ms)
+
+
+@dataclass
+class Result:
+    read: Read
+    rollups: Timing
+    raw: Timing | None  # None: no raw-only counterpart
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.differences or self.rollups.error or (self.raw and self.raw.error))
+
+
+def chart_body(from_date: float, to_date: float, interval: int, items: list[tuple[str, str]], workers: list[str]) -> dict:
+    body = {
+        "from_date": from_date,
+        "to_date": to_date,
+        "interval": interval,
+        "items": [{"key": key, "aggregation": aggregation} for key, aggregation in items],
+    }
+    if workers:
+        body["worker_ids"] = workers
+    return body
+
+
+def charted_worker(workers: int) -> str:
+    """The worker of the one-worker reads: the largest (most GPUs, then most cores)."""
+    return worker_id(max(range(workers), key=lambda number: worker_shape(number)[::-1]))
+
+
+def http_reads(history: History, to_date: float) -> list[Read]:
+    cpu = [("cpu_usage", "avg"), ("cpu_usage", "max")]
+    four = [(key, agg) for key in ("cpu_usage", "memory_used", "gpu_usage", "network_rx") for agg in ("avg", "max")]
+    ten = [worker_id(number * history.workers // 10) for number in range(min(10, history.workers))]
+    day_ago = to_date - DAY
+    reads = [
+        Read("get_stats fleet cpu avg+max 24 h @ 600 s", 100, "workers.get_stats",
+             chart_body(day_ago, to_date, 600, cpu, [])),
+        Read("get_stats 1 worker 4 metrics avg+max 24 h @ 120 s", 30, "workers.get_stats",
+             chart_body(day_ago, to_date, 120, four, [charted_worker(history.workers)])),
+        Read("get_stats 10 workers cpu avg+max 1 h @ 40 s", 30, "workers.get_stats",
+             chart_body(to_date - 3600, to_date, 40, cpu, ten)),
+        Read("get_activity_report 24 h @ 600 s", 30, "workers.get_activity_report",
+             {"from_date": day_ago, "to_date": to_date, "interval": 600}),
+    ]  # fmt: skip
+    if history.days >= 7:
+        reads.append(
+            Read("get_stats fleet cpu avg+max 7 d @ 3600 s", 200, "workers.get_stats",
+                 chart_body(to_date - 7 * DAY, to_date, 3600, cpu, []))
+        )  # fmt: skip
+    return reads
+
+
+class ApiClient:
+    """Bearer-authenticated JSON requests to one server over a kept-alive connection."""
+
+    def __init__(self, url: str, token: str, timeout: float):
+        self.url, self.headers = url, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+
+    async def call(self, endpoint: str, body: dict) -> tuple[float, int, bytes]:
+        """Milliseconds until the whole answer arrived, its status and body."""
+        payload = orjson.dumps(body)
+        began = time.perf_counter()
+        async with self.session.post(f"{self.url}/{endpoint}", data=payload, headers=self.headers) as answer:
+            content = await answer.read()
+        return (time.perf_counter() - began) * 1000, answer.status, content
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def timed_runs(run_once, runs: int) -> Timing:
+    """`runs` runs of `run_once()` -> (ms, answer), or one when it took over SLOW_RUN_SECONDS."""
+    timing = Timing()
+    for _ in range(runs):
+        try:
+            elapsed_ms, timing.answer = await run_once()
+        except Exception as error:  # reported in the results table
+            timing.error = f"{type(error).__name__}: {error}"[:300]
+            break
+        timing.runs_ms.append(elapsed_ms)
+        if elapsed_ms > SLOW_RUN_SECONDS * 1000:
+            break
+    return timing
+
+
+async def time_http(client: ApiClient, read: Read, runs: int) -> Timing:
+    async def run_once():
+        elapsed_ms, status, content = await client.call(read.endpoint, read.body)
+        answer = orjson.loads(content)
+        if status != 200:
+            raise RuntimeError(f"{status}: {answer.get('meta', {}).get('result_msg')}")
+        return elapsed_ms, answer["data"]
+
+    return await timed_runs(run_once, runs)
+
+
+async def time_sql(conn: asyncpg.Connection, sql: str, runs: int) -> Timing:
+    async def run_once():
+        began = time.perf_counter()
+        rows = await conn.fetch(sql, timeout=RAW_READ_TIMEOUT)
+        return (time.perf_counter() - began) * 1000, [tuple(row) for row in rows]
+
+    return await timed_runs(run_once, runs)
+
+
+def differences(got, want, path: str = "", relative: float = 0.0) -> Iterator[str]:
+    """Where `got` differs from `want` (JSON values): numbers exactly, except in a stats
+    entry whose aggregation is avg, where AVG_TOLERANCE relative is allowed."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or got.keys() != want.keys():
+            yield f"{path}: {_brief(got)} != {_brief(want)}"
+            return
+        if want.get("aggregation") == "avg":
+            relative = AVG_TOLERANCE
+        for key in want:
+            yield from differences(got[key], want[key], f"{path}.{key}", relative)
+    elif isinstance(want, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(want):
+            yield f"{path}: {_brief(got)} != {_brief(want)}"
+            return
+        for index, (item_got, item_want) in enumerate(zip(got, want)):
+            label = _label(item_want) or str(index)
+            yield from differences(item_got, item_want, f"{path}[{label}]", relative)
+    elif not _equal(got, want, relative):
+        yield f"{path}: {got!r} != {want!r}"
+
+
+def _label(item) -> str:
+    if isinstance(item, dict):
+        return "/".join(str(item[key]) for key in ("worker", "metric", "variant", "aggregation") if key in item)
+    return ""
+
+
+def _brief(value) -> str:
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def _equal(got, want, relative: float) -> bool:
+    if isinstance(got, bool) or isinstance(want, bool) or not isinstance(got, (int, float)) or not isinstance(want, (int, float)):
+        return got == want
+    return got == want or abs(got - want) <= relative * max(abs(got), abs(want))
+
+
+# ------------------------------------------------------------------------- Grafana panels
+
+# The rollup views (migrations/004_rollups.sql) computed from the raw reports, same columns:
+# a panel's raw-only counterpart reads these in their place.
+_RAW_VIEWS = {
+    "worker_metric_rollup": """SELECT time_bucket('{width}', time) AS time, company, worker, category, metric,
+       min(value) AS min, max(value) AS max, avg(value) AS avg, sum(value) AS sum, count(*) AS count
+FROM worker_stat_points GROUP BY 1, 2, 3, 4, 5""",
+    "worker_stat_rollup": """SELECT time_bucket('{width}', time) AS time, company, worker, category, metric, variant,
+       min(value) AS min, max(value) AS max, avg(value) AS avg, sum(value) AS sum, count(*) AS count
+FROM worker_stat_points GROUP BY 1, 2, 3, 4, 5, 6""",
+    "worker_activity": """SELECT time_bucket('{width}', time) AS time, company, worker, count(*)::integer AS reports,
+       coalesce(bool_or(task <> ''), false) AS busy
+FROM worker_stats GROUP BY 1, 2, 3""",
+}
+_WIDTHS = {"1m": "1 minute", "10m": "10 minutes", "1h": "1 hour"}
+_ROLLUP_VIEW = re.compile(r"\b(worker_metric_rollup|worker_stat_rollup|worker_activity)_(1m|10m|1h)\b(\s+AS\s+\w+)?", re.I)
+
+
+def raw_panel_sql(sql: str) -> str:
+    """A panel's SQL with every rollup view replaced by the same aggregation of the raw reports."""
+
+    def raw_view(match: re.Match) -> str:
+        query = _RAW_VIEWS[match[1].lower()].format(width=_WIDTHS[match[2].lower()])
+        return f"({query})" + (match[3] or f" AS {match[0]}")
+
+    return _ROLLUP_VIEW.sub(raw_view, sql)
+
+
+def settled_rows(rows: list[tuple], before: datetime) -> list[tuple]:
+    """A panel's rows (time first) of the buckets before `before`, in a fixed order: the
+    rollup views hold only buckets that closed before the watermark."""
+    return sorted((row for row in rows if row[0] < before), key=lambda row: tuple(map(str, row)))
+
+
+def grafana_reads(company: str, worker: str, to_date: float) -> tuple[list[Read], str]:
+    """Each dashboard panel's SQL over the last 24 h (bench/grafana_sql.py); and a note when
+    there are none."""
+    try:
+        from bench import grafana_sql
+    except ImportError as error:
+        return [], f"no Grafana panels timed: bench/grafana_sql.py not importable ({error})"
+    reads = []
+    for dashboard_name, dashboard in grafana_sql.dashboards().items():
+        for title, sql in grafana_sql.panels(dashboard):
+            expanded = grafana_sql.expand(
+                sql,
+                time_from=to_date - DAY,
+                time_to=to_date,
+                interval_seconds=GRAFANA_INTERVAL,
+                variables={"company": company, "worker": worker},
+            )
+            reads.append(Read(f"grafana {dashboard_name}: {title}", 100, sql=expanded, raw_sql=raw_panel_sql(expanded)))
+    return reads, "" if reads else "no Grafana panels found"
+
+
+# ------------------------------------------------------------------------- servers
+
+
+def start_server(name: str, dsn: str, workdir: Path, extra_env: dict[str, str]) -> ServerProcess:
+    port = free_port()
+    env = {**os.environ, "WORKERS_DB_DSN": dsn, "PYTHONUNBUFFERED": "1", "WORKERS_LOG_LEVEL": "WARNING", **extra_env}
+    server = ServerProcess(
+        name,
+        [sys.executable, "-m", "server", "serve", "--host", HOST, "--port", str(port), "--processes", "1"],
+        port, env, workdir / f"{name}.log",
+    )  # fmt: skip
+    server.start()
+    return server
+
+
+async def run_reads(args, history: History, dsn: str, servers: dict[str, ServerProcess], tokens: dict[str, str]) -> tuple[list[Result], str]:
+    """Time every read on both paths and compare the answers; the results, and a note."""
+    to_date = history.end
+    rollups_client = ApiClient(servers["rollups"].url, tokens["rollups"], 120)
+    raw_client = ApiClient(servers["raw"].url, tokens["raw"], RAW_READ_TIMEOUT)
+    panels, note = grafana_reads(history.company, charted_worker(history.workers), to_date)
+    conn = await asyncpg.connect(dsn)
+    try:
+        # The rollup-served reads first, while the last minute is still raw rows after the watermark.
+        watermark = await conn.fetchval("SELECT watermark FROM rollup_watermark")
+        http = http_reads(history, to_date)
+        served = [await time_http(rollups_client, read, args.runs) for read in http]
+        sql_served = [await time_sql(conn, read.sql, args.runs) for read in panels]
+        results = []
+        for read, timing in zip(http, served):
+            log(f"raw-only: {read.name}")
+            raw = await time_http(raw_client, read, args.runs)
+            found = list(differences(timing.answer, raw.answer)) if not (timing.error or raw.error) else []
+            results.append(Result(read, timing, raw, found))
+        settled_before = EPOCH + timedelta(seconds=watermark.timestamp() // 3600 * 3600)  # every tier's buckets
+        for read, timing in zip(panels, sql_served):
+            log(f"raw-only: {read.name}")
+            raw = await time_sql(conn, read.raw_sql, args.runs)
+            found = []
+            if not (timing.error or raw.error):
+                got, want = settled_rows(timing.answer, settled_before), settled_rows(raw.answer, settled_before)
+                found = list(differences(got, want, relative=AVG_TOLERANCE))
+            results.append(Result(read, timing, raw, found))
+        return results, note
+    finally:
+        await conn.close()
+        await rollups_client.close()
+        await raw_client.close()
+
+
+# ------------------------------------------------------------------------- output
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def print_setup(args, history: History, facts: dict, load_note: str, refresh_s: float, vacuum_s: float) -> None:
+    span_days = (history.end - history.start) / DAY
+    print(f"READ BENCHMARK: {history.workers} workers x {span_days:.2f} days x one report per {history.period} s "
+          f"(company {history.company_name}, database {args.database})")  # fmt: skip
+    print(f"  machine: {os.cpu_count()} cores; PostgreSQL {facts['postgres']}, TimescaleDB {facts['timescaledb']}, "
+          f"shared_buffers {facts['shared_buffers']}")  # fmt: skip
+    print(f"  history: {facts['reports']:,} reports, {load_note}")
+    print(f"  rollups refresh (python -m server rollups refresh --since): {refresh_s:,.1f} s; VACUUM ANALYZE {vacuum_s:,.1f} s")
+    lag = history.end - facts["watermark"]
+    print(f"  reads end at the history's end (now); the rollups' watermark is {lag:,.0f} s before it")
+    if facts["pending"]:
+        print(f"  WARNING: {facts['pending']} rollup invalidation(s) pending as the reads began (another process "
+              f"refreshing?): the rollup path reads raw reports from their start on")  # fmt: skip
+
+
+def print_storage(sizes: dict[str, int], history: History) -> None:
+    span_days = (history.end - history.start) / DAY
+    print()
+    print("STORAGE (hypertable_size: chunks, indexes, TOAST)")
+    print(f"  {'table':<14}{'total':>14}{'per worker-day':>18}")
+    for table, size in sizes.items():
+        per_worker_day = size / history.workers / span_days
+        print(f"  {table:<14}{_mb(size):>14}{per_worker_day / 1e3:>15,.1f} kB")
+    rollups = sum(size for table, size in sizes.items() if table != "worker_stats")
+    print(f"  {'all rollups':<14}{_mb(rollups):>14}{rollups / history.workers / span_days / 1e3:>15,.1f} kB")
+
+
+def _ms(timing: Timing | None, runs: int) -> str:
+    if timing is None:
+        return "-"
+    if timing.error:
+        return "ERROR"
+    return f"{timing.median_ms:,.1f}" + (" *" if len(timing.runs_ms) < runs else "")
+
+
+def print_results(results: list[Result], runs: int) -> None:
+    print()
+    print(f"READS (median of {runs} runs; rollups = the server as configured, raw-only = WORKERS_READ_FROM_ROLLUPS=false;"
+          f" end to end through the HTTP API, Grafana panels as SQL with asyncpg)")  # fmt: skip
+    print(f"  {'read':<58}{'rollups ms':>12}{'raw-only ms':>14}{'raw/rollups':>13}{'target':>9}  {'met?':<5} equal?")
+    for result in results:
+        rollups, raw = result.rollups, result.raw
+        ratio = "-"
+        if raw is not None and not result.failed and rollups.median_ms:
+            speedup = raw.median_ms / rollups.median_ms
+            ratio = f"{speedup:.1f}x" if speedup < 10 else f"{speedup:,.0f}x"
+        met = "-" if rollups.error else "yes" if rollups.median_ms <= result.read.target_ms else "NO"
+        equal = "-" if raw is None else "ERROR" if result.failed and not result.differences else "NO" if result.differences else "yes"
+        target = f"<= {result.read.target_ms:g}"
+        print(f"  {result.read.name:<58}{_ms(rollups, runs):>12}{_ms(raw, runs):>14}{ratio:>13}{target:>9}  {met:<5} {equal}")
+    print(f"  * fewer runs: a run slower than {SLOW_RUN_SECONDS:g} s is not repeated")
+    for result in results:
+        for timing, path in ((result.rollups, "rollups"), (result.raw, "raw-only")):
+            if timing is not None and timing.error:
+                print(f"  ERROR {result.read.name} ({path}): {timing.error}")
+        if result.differences:
+            print(f"  DIFFERENT {result.read.name}: {len(result.differences)} difference(s), e.g.")
+            for text in result.differences[:5]:
+                print(f"    {text}")
+
+
+# ------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.reads", description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=200, help="fleet size (default 200)")
+    parser.add_argument("--days", type=float, default=1, help="days of history (default 1; 7 adds the 7-day chart)")
+    parser.add_argument("--period", type=int, default=10, help="seconds between a worker's reports (default 10)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each read (default 5)")
+    parser.add_argument("--reload", action="store_true", help="load the history afresh even if one matches")
+    parser.add_argument(
+        "--database", default=DEFAULT_DATABASE, help=f"the bench's own database, on WORKERS_DB_DSN's cluster "
+        f"(default {DEFAULT_DATABASE}); one history each"
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    for name in ("workers", "days", "period", "runs"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive")
+    if not args.database.startswith(DEFAULT_DATABASE):
+        parser.error(f"--database must start with {DEFAULT_DATABASE}: the bench drops and recreates it")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cluster_dsn, _ = resolve_dsn()
+    dsn = database_dsn(cluster_dsn, args.database)
+    workdir = Path(tempfile.mkdtemp(prefix="workers-bench-reads-"))
+    log(f"database {dsn}; server logs in {workdir}")
+
+    history, since, load_note = prepare_history(cluster_dsn, dsn, args)
+    log(f"refreshing the rollups since {datetime.fromtimestamp(since, timezone.utc):%Y-%m-%d %H:%M:%S}")
+    refresh_s = refresh_rollups(dsn, since)
+    vacuum_s = asyncio.run(vacuum_analyze(dsn))
+    catch_up(dsn, history)
+
+    servers = {
+        "rollups": start_server("rollups", dsn, workdir, {}),
+        "raw": start_server("raw", dsn, workdir, {
+            "WORKERS_READ_FROM_ROLLUPS": "false", "WORKERS_READ_TIMEOUT_SECONDS": str(RAW_READ_TIMEOUT)}),
+    }  # fmt: skip
+    try:
+        tokens = {}
+        credentials = create_credentials(dsn, history.company_name)
+        for name, server in servers.items():
+            server.wait_ready(1)
+            tokens[name], _ = login(server, credentials["access_key"], credentials["secret_key"])
+        facts = asyncio.run(database_facts(dsn, history.company))
+        log("timing the reads")
+        results, note = asyncio.run(run_reads(args, history, dsn, servers, tokens))
+    finally:
+        for server in servers.values():
+            server.stop()
+    sizes = asyncio.run(storage(dsn))
+
+    print_setup(args, history, facts, load_note, refresh_s, vacuum_s)
+    print_storage(sizes, history)
+    print_results(results, args.runs)
+    if note:
+        print(f"  {note}")
+    failed = [result for result in results if result.failed]
+    print()
+    print(f"ANSWERS: {'all equal' if not failed else f'{len(failed)} read(s) DIFFERENT or failed'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; servers stopped")
+        sys.exit(130)
