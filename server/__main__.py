@@ -6,14 +6,18 @@
     python -m server credentials ensure --file FILE --company NAME [--user NAME]
     python -m server credentials list
     python -m server credentials revoke ACCESS_KEY
-    python -m server rollups refresh [--since TIME]
+    python -m server rollups refresh [--since TIME | --every SECONDS]
     python -m server demo-fleet [--workers N] [--period S] [--url URL] [--credentials FILE]
 """
 
 import argparse
 import asyncio
 import logging
+import os
+import signal
+import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -144,7 +148,12 @@ def _moment(text: str) -> float:
 
 
 async def refresh_rollups(settings: Settings, args) -> int:
-    """Bring every rollup tier up to date now (all of it since --since, after a bulk import)."""
+    """Bring every rollup tier up to date now (all of it since --since, after a bulk import),
+    or with --every, again and again (the refresher process of `serve`)."""
+    if args.every is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches `serve`, which stops this process
+        await background.refresh_rollups_forever(replace(settings, rollup_refresh_seconds=args.every))
+        return 0
     conn = await _connect(settings)
     try:
         if args.since is not None:
@@ -198,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_moment,
         help="first rebuild everything from this time on (epoch seconds or ISO-8601): after a bulk import",
     )
+    refresh.add_argument("--every", type=float, help="refresh every SECONDS until the parent process exits")
     refresh.set_defaults(action=refresh_rollups)
     demo.add_command(commands)
     return parser
@@ -212,7 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.action is not None:
         return _run(args.action(settings, args))
-    serving.serve(lambda: create_app(settings), settings)
+    # The rollup refresher, at a lower CPU priority: rolling up can wait while the server is
+    # busy taking reports (reads stay exact meanwhile: see storage/charts.py).
+    refresher = subprocess.Popen(
+        [sys.executable, "-m", "server", "rollups", "refresh", "--every", str(settings.rollup_refresh_seconds)],
+        preexec_fn=lambda: os.nice(settings.rollup_refresh_nice),
+    )
+    try:
+        serving.serve(lambda: create_app(settings), settings)
+    finally:
+        refresher.terminate()
+        refresher.wait()
     return 0
 
 

@@ -1,13 +1,17 @@
-"""Periodic work: the expiry sweep of registrations, the refresh of the rollups and the
-retention of statistics.
+"""Periodic work: the expiry sweep of registrations, the retention of statistics, and the
+refresh of the rollups.
 
-Every server process runs all three. The sweep is one idempotent DELETE, so concurrent
-sweeps are harmless; the refresh and retention each take an advisory lock so that one
-process (or host) at a time does the work, and the others skip that round.
+Every server process runs the sweep and retention. The sweep is one idempotent DELETE, so
+concurrent sweeps are harmless; retention takes an advisory lock so that one process (or
+host) at a time drops chunks, and the others skip that round. The refresh runs in a
+process of its own (`refresh_rollups_forever`, started by `python -m server serve` at a
+lower CPU priority): rolling up is CPU work that can wait while the server is busy taking
+reports (reads stay exact meanwhile), and it takes an advisory lock too.
 """
 
 import asyncio
 import logging
+import os
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
@@ -43,9 +47,14 @@ async def apply_retention(pool: asyncpg.Pool, retention: rollups.Retention) -> i
 
 
 async def refresh_rollups(dsn: str, settings: Settings) -> list[rollups.RefreshResult] | None:
-    """Bring the rollups up to date, in a thread of its own: rolling up is Python work (see
-    rollups._minute_rollups) that must not hold up this process's requests for its length."""
-    steps = await asyncio.to_thread(asyncio.run, _refresh(dsn, settings))
+    """Bring the rollups up to date, on a connection of its own: no statement timeout (a
+    refresh after a long outage or a bulk import may take minutes), no JIT (it costs more
+    than it saves on these statements)."""
+    conn = await asyncpg.connect(dsn, server_settings={"jit": "off"})
+    try:
+        steps = await rollups.refresh(conn, settings.retention, lag=settings.rollup_lag_seconds)
+    finally:
+        await conn.close()
     for step in steps or ():
         if step.invalidations or step.new_watermark - step.old_watermark > 600:
             watermark = datetime.fromtimestamp(step.new_watermark, timezone.utc).isoformat()
@@ -53,14 +62,18 @@ async def refresh_rollups(dsn: str, settings: Settings) -> list[rollups.RefreshR
     return steps
 
 
-async def _refresh(dsn: str, settings: Settings) -> list[rollups.RefreshResult] | None:
-    # A connection of its own: no statement timeout (a refresh after a long outage or a bulk
-    # import may take minutes), no JIT (it costs more than it saves on these statements).
-    conn = await asyncpg.connect(dsn, server_settings={"jit": "off"})
-    try:
-        return await rollups.refresh(conn, settings.retention, lag=settings.rollup_lag_seconds)
-    finally:
-        await conn.close()
+async def refresh_rollups_forever(settings: Settings) -> None:
+    """The rollup refresher process that `serve` starts beside its server processes: a
+    refresh every WORKERS_ROLLUP_REFRESH_SECONDS until its parent is gone."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        try:
+            await refresh_rollups(settings.db_dsn, settings)
+        except UNAVAILABLE_ERRORS as error:
+            log.warning("rollup refresh skipped, database unavailable: %r", error)
+        except Exception:
+            log.exception("rollup refresh failed")
+        await asyncio.sleep(settings.rollup_refresh_seconds)
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable], name: str) -> None:
@@ -87,9 +100,5 @@ def start(pool: asyncpg.Pool, settings: Settings) -> list[asyncio.Task]:
                 "statistics retention",
             ),
             name="statistics-retention",
-        ),
-        asyncio.create_task(
-            _every(settings.rollup_refresh_seconds, lambda: refresh_rollups(settings.db_dsn, settings), "rollup refresh"),
-            name="rollup-refresh",
         ),
     ]

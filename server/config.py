@@ -44,6 +44,7 @@ class Settings:
     retention_sweep_seconds: float = 3600.0
     rollup_refresh_seconds: float = 30.0
     rollup_lag_seconds: float = 60.0
+    rollup_refresh_nice: int = 10  # the refresher process's niceness: it yields the CPU to serving
     # Request handling
     max_body_bytes: int = 1024 * 1024
     debug: bool = False

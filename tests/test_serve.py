@@ -76,7 +76,12 @@ async def test_processes_serve_the_api_and_drain_on_sigterm(server, dsn, db_conn
     caller = await create_credentials(dsn, "served", "daemon")
     headers = {"Authorization": basic_auth(caller.access_key, caller.secret)}
     await _wait_until_serving(base, headers)
-    assert len(_children(process.pid)) == PROCESSES
+    children = _children(process.pid)
+    refreshers = [pid for pid in children if b"rollups\x00refresh\x00--every" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    servers = [pid for pid in children if pid not in refreshers]
+    assert len(refreshers) == 1 and len(servers) == PROCESSES
+    # The rollup refresher yields the CPU to the server processes.
+    assert os.getpriority(os.PRIO_PROCESS, refreshers[0]) > os.getpriority(os.PRIO_PROCESS, servers[0])
 
     async with aiohttp.ClientSession(headers=headers) as session:
         async with session.post(f"{base}/auth.login") as response:
@@ -96,5 +101,6 @@ async def test_processes_serve_the_api_and_drain_on_sigterm(server, dsn, db_conn
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(40) == 0
+    assert not Path(f"/proc/{refreshers[0]}").exists()
     stored = await db_conn.fetchval("SELECT count(*) FROM worker_stats WHERE company = $1", caller.company_id)
     assert stored == REPORTS

@@ -394,40 +394,45 @@ def _json(text: str) -> dict:
 
 
 def _minute_rollups(reports: list) -> tuple[list[tuple], list[tuple]]:
-    """The 1-minute tier's stats and activity rows of raw report rows."""
-    per_metric: dict[tuple, dict[str, list]] = {}  # (bucket, company, worker, metric) -> variant -> [min, max, sum, count]
-    per_worker: dict[tuple, list] = {}  # (bucket, company, worker) -> [reports, busy]
+    """The 1-minute tier's stats and activity rows of raw report rows.
+
+    Values are collected in lists per worker-minute, metric and variant, then reduced once
+    with the builtins min, max and sum (loops in C): cheaper than updating running
+    aggregates for every value."""
+    # (bucket, company, worker) -> [reports, busy, {metric: {variant: [values]}}]
+    minutes: dict[tuple, list] = {}
     for when, company, worker, task, metrics in reports:
-        bucket = math.floor(when / 60) * 60
-        seen = per_worker.get((bucket, company, worker))
-        if seen is None:
-            seen = per_worker[(bucket, company, worker)] = [0, False]
-        seen[0] += 1
-        seen[1] = seen[1] or bool(task)
+        key = (math.floor(when / 60) * 60, company, worker)
+        minute = minutes.get(key)
+        if minute is None:
+            minute = minutes[key] = [0, False, {}]
+        minute[0] += 1
+        if task:
+            minute[1] = True
+        collected = minute[2]
         for metric, variants in _json(metrics).items():
-            key = (bucket, company, worker, metric)
-            aggregates = per_metric.get(key)
-            if aggregates is None:
-                aggregates = per_metric[key] = {}
+            per_variant = collected.get(metric)
+            if per_variant is None:
+                collected[metric] = {variant: [value] for variant, value in variants.items()}
+                continue
             for variant, value in variants.items():
-                value = float(value)
-                found = aggregates.get(variant)
+                found = per_variant.get(variant)
                 if found is None:
-                    aggregates[variant] = [value, value, value, 1]
-                    continue
-                if value < found[0]:
-                    found[0] = value
-                if value > found[1]:
-                    found[1] = value
-                found[2] += value
-                found[3] += 1
-    stats = []
-    for (bucket, company, worker, metric), aggregates in per_metric.items():
-        variants = sorted(aggregates)
-        mins, maxs, sums, counts = (list(column) for column in zip(*(aggregates[v] for v in variants)))
-        per_variant = (variants, mins, maxs, sums, counts) if variants != ["total"] else (None,) * 5
-        stats.append((_utc(bucket), company, worker, metric, min(mins), max(maxs), sum(sums), sum(counts), *per_variant))
-    activity = [(_utc(bucket), company, worker, n, busy) for (bucket, company, worker), (n, busy) in per_worker.items()]
+                    per_variant[variant] = [value]
+                else:
+                    found.append(value)
+    stats, activity = [], []
+    for (bucket, company, worker), (count, busy, collected) in minutes.items():
+        moment = _utc(bucket)
+        activity.append((moment, company, worker, count, busy))
+        for metric, per_variant in collected.items():
+            variants = sorted(per_variant)
+            mins = [float(min(per_variant[variant])) for variant in variants]
+            maxs = [float(max(per_variant[variant])) for variant in variants]
+            sums = [float(sum(per_variant[variant])) for variant in variants]
+            counts = [len(per_variant[variant]) for variant in variants]
+            arrays = (variants, mins, maxs, sums, counts) if variants != ["total"] else (None,) * 5
+            stats.append((moment, company, worker, metric, min(mins), max(maxs), sum(sums), sum(counts), *arrays))
     return stats, activity
 
 
