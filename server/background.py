@@ -66,18 +66,18 @@ async def refresh_rollups_forever(settings: Settings) -> None:
     """The rollup refresher process that `serve` starts beside its server processes: a
     refresh every WORKERS_ROLLUP_REFRESH_SECONDS until its parent is gone."""
     parent = os.getppid()
-    while os.getppid() == parent:
-        try:
-            await refresh_rollups(settings.db_dsn, settings)
-        except UNAVAILABLE_ERRORS as error:
-            log.warning("rollup refresh skipped, database unavailable: %r", error)
-        except Exception:
-            log.exception("rollup refresh failed")
-        await asyncio.sleep(settings.rollup_refresh_seconds)
+    await _every(
+        settings.rollup_refresh_seconds,
+        lambda: refresh_rollups(settings.db_dsn, settings),
+        "rollup refresh",
+        while_=lambda: os.getppid() == parent,
+    )
 
 
-async def _every(seconds: float, job: Callable[[], Awaitable], name: str) -> None:
-    while True:
+async def _every(
+    seconds: float, job: Callable[[], Awaitable], name: str, *, while_: Callable[[], bool] = lambda: True
+) -> None:
+    while while_():
         try:
             await job()
         except UNAVAILABLE_ERRORS as error:

@@ -11,12 +11,10 @@ import sys
 import time
 
 import asyncpg
-import pytest
 from conftest import ROOT
 from helpers import call, ok
 
 from server import background
-from server.config import Settings
 from server.keys import POOL
 from server.storage import charts, rollups
 from server.storage.charts import RAW, Segment

@@ -1,6 +1,5 @@
 """The eight `workers.*` endpoints (SPEC §2): validate the body, call storage, shape the answer."""
 
-import math
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -144,8 +143,8 @@ def _bucket_starts(from_date: float, to_date: float, interval: int, limit: int) 
     """The start of every bucket to return (SPEC §2, get_stats): aligned to the epoch, from
     the one holding from_date to the one holding to_date, the last dropped when it starts
     later than to_date - 0.9 * interval."""
-    first = math.floor(from_date / interval) * interval
-    last = math.floor(to_date / interval) * interval
+    first = rollups.floor_to(from_date, interval)
+    last = rollups.floor_to(to_date, interval)
     if last > to_date - 0.9 * interval:
         last -= interval
     count = (last - first) // interval + 1
@@ -168,7 +167,7 @@ async def _chart(call: Call, body: dict, worker_ids: list[str]) -> tuple[int, li
     now = time.time()
     if settings.read_from_rollups:
         raw_affordable = True
-        if interval % charts.FINEST_TIER_SECONDS:
+        if interval % rollups.FINEST.seconds:
             workers = len(worker_ids) or await registrations.count(pool, call.identity.company, WorkerFilter())
             raw_affordable = charts.raw_worker_hours(interval, workers) <= settings.raw_read_budget_worker_hours
         interval = charts.choose_interval(interval, from_date, now, settings.retention, raw_affordable)

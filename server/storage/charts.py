@@ -10,7 +10,6 @@ value is a row of its own with count 1; for activity, a worker seen in a bucket)
 statement aggregates per bucket, so each bucket is exact whichever sources serve it.
 """
 
-import math
 from dataclasses import dataclass
 
 import asyncpg
@@ -18,11 +17,10 @@ import asyncpg
 from .. import errors
 from ..errors import ApiError
 from . import rollups, statistics
-from .rollups import TIERS, Retention
+from .rollups import FINEST, TIERS, Retention, ceil_to, floor_to
 
 RAW = 0  # the source of a segment read from the raw reports
 RESOLUTION = 1e-6  # of timestamptz: a range that ends at t inclusive ends before t + RESOLUTION
-FINEST_TIER_SECONDS = TIERS[0].seconds
 
 
 @dataclass(frozen=True)
@@ -30,14 +28,6 @@ class Segment:
     source: int  # RAW, or the resolution in seconds of the rollup tier
     low: float  # [low, high), epoch seconds
     high: float
-
-
-def _floor(moment: float, step: int) -> float:
-    return math.floor(moment / step) * step
-
-
-def _ceil(moment: float, step: int) -> float:
-    return math.ceil(moment / step) * step
 
 
 # The buckets a chart is judged by when deciding whether raw reports can serve its interval:
@@ -61,10 +51,10 @@ def choose_interval(interval: int, from_date: float, now: float, retention: Rete
     `raw_affordable`; otherwise it is raised to the next multiple of the finest tier that
     reaches that far."""
     reach = max(now - from_date, interval * CHART_POINTS)
-    if reach <= retention.days(None) * 86400 and (interval % FINEST_TIER_SECONDS == 0 or raw_affordable):
+    if reach <= retention.days(None) * 86400 and (interval % FINEST.seconds == 0 or raw_affordable):
         return interval
     tier = next((tier for tier in TIERS if reach <= retention.days(tier) * 86400), TIERS[-1])
-    return math.ceil(interval / tier.seconds) * tier.seconds
+    return ceil_to(interval, tier.seconds)
 
 
 def read_range(
@@ -92,7 +82,7 @@ def _split(low: float, high: float, resolutions: list[int], exact_before: float)
     if not resolutions:
         return [Segment(RAW, low, high)]
     step, finer = resolutions[0], resolutions[1:]
-    start, end = _ceil(low, step), _floor(min(high, exact_before), step)
+    start, end = ceil_to(low, step), floor_to(min(high, exact_before), step)
     if start >= end:
         return _split(low, high, finer, exact_before)
     return [

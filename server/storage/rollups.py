@@ -234,11 +234,12 @@ class Invalidation:
     high: float
 
 
-def _floor(moment: float, step: int) -> float:
+def floor_to(moment: float, step: int) -> int:
+    """The start of the `step`-second bucket (epoch-aligned) holding `moment`."""
     return math.floor(moment / step) * step
 
 
-def _ceil(moment: float, step: int) -> float:
+def ceil_to(moment: float, step: int) -> int:
     return math.ceil(moment / step) * step
 
 
@@ -281,16 +282,16 @@ def regions(
     `seconds` to rebuild: every bucket that closed between the two watermarks, for every
     company, and the buckets holding invalidated reports that the tier had already rolled
     up, from `horizon` on (its source keeps nothing older)."""
-    done = _floor(old_watermark, seconds)  # the tier holds buckets before this
-    closed = _floor(new_watermark, seconds)
-    floor = _ceil(horizon, seconds)
+    done = floor_to(old_watermark, seconds)  # the tier holds buckets before this
+    closed = floor_to(new_watermark, seconds)
+    floor = ceil_to(horizon, seconds)
     fleet: dict[str, list[tuple[float, float]]] = {company: [] for company in companies}
     if done < closed:
         for company in companies:
             fleet[company].append((done, closed))
     per_worker: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for item in invalidations:
-        low, high = max(_floor(item.low, seconds), floor), min(_floor(item.high, seconds) + seconds, done)
+        low, high = max(floor_to(item.low, seconds), floor), min(floor_to(item.high, seconds) + seconds, done)
         if low >= high:
             continue
         if item.worker is None:
@@ -329,8 +330,8 @@ class Retention:
         have chunks of one UTC day (migrations): their horizon is the start of that day, so
         that a chart of the last N days, N their retention, starts inside it."""
         oldest = now - self.days(source) * 86400
-        if source is None or source is TIERS[0]:
-            return math.floor(oldest / 86400) * 86400
+        if source is None or source is FINEST:
+            return floor_to(oldest, 86400)
         return oldest
 
 
@@ -402,7 +403,7 @@ def _minute_rollups(reports: list) -> tuple[list[tuple], list[tuple]]:
     # (bucket, company, worker) -> [reports, busy, {metric: {variant: [values]}}]
     minutes: dict[tuple, list] = {}
     for when, company, worker, task, metrics in reports:
-        key = (math.floor(when / 60) * 60, company, worker)
+        key = (floor_to(when, FINEST.seconds), company, worker)
         minute = minutes.get(key)
         if minute is None:
             minute = minutes[key] = [0, False, {}]
@@ -474,7 +475,7 @@ async def refresh(
         while True:
             step = await refresh_once(conn, retention, lag=lag, max_step=max_step)
             steps.append(step)
-            if step.new_watermark == step.old_watermark or step.new_watermark - step.old_watermark < max_step:
+            if step.new_watermark - step.old_watermark < max_step:
                 return steps
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", REFRESH_LOCK)
