@@ -8,9 +8,12 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$("$root/scripts/setup-venv.sh" test | tail -n1)"
 
 # tests/test_compose.py checks the compose files with Debian's docker-compose (no engine needed);
-# tests/test_daemon_e2e.py runs Debian's nginx, unprivileged, as the routing proxy.
+# tests/test_daemon_e2e.py runs Debian's nginx, unprivileged, as the routing proxy;
+# tests/test_fleet_page.py drives Debian's Chromium through its chromedriver.
 missing=""
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 if [ -n "$missing" ]; then
     sudo=""
@@ -18,7 +21,7 @@ if [ -n "$missing" ]; then
     echo "installing$missing (apt-get)" >&2
     { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -qq --no-install-recommends $missing; } >&2 \
-        || echo "could not install$missing: tests/test_compose.py or tests/test_daemon_e2e.py will fail" >&2
+        || echo "could not install$missing: the tests that need them will fail" >&2
     # The tests start their own nginx; the system service that the package starts is not needed.
     case "$missing" in *nginx*) $sudo systemctl disable --now nginx >/dev/null 2>&1 || true ;; esac
 fi
