@@ -137,8 +137,8 @@ def http_json(url: str, body: dict | None = None, headers: dict | None = None, t
 class ServerProcess:
     """A gunicorn server (master + workers) started as a subprocess in its own session."""
 
-    def __init__(self, name: str, argv: list[str], port: int, env: dict, log_path: Path):
-        self.name, self.argv, self.port, self.env, self.log_path = name, argv, port, env, log_path
+    def __init__(self, name: str, argv: list[str], port: int, env: dict, log_path: Path, cwd: Path = ROOT):
+        self.name, self.argv, self.port, self.env, self.log_path, self.cwd = name, argv, port, env, log_path, cwd
         self.process: subprocess.Popen | None = None
         self.peak_kib: dict[int, int] = {}  # pid -> peak RSS (KiB)
         self.cpu: dict[int, float] = {}  # pid -> CPU seconds used (last sample)
@@ -151,7 +151,7 @@ class ServerProcess:
     def start(self) -> None:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            self.argv, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.argv, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.roles[self.process.pid] = "master"
 
@@ -203,6 +203,11 @@ class ServerProcess:
 # ------------------------------------------------------------------------- setup
 
 
+def require_wrk() -> None:
+    if subprocess.run(["sh", "-c", "command -v wrk"], capture_output=True).returncode != 0:
+        raise SystemExit("wrk is not installed (bench/run.sh installs it: apt-get install wrk)")
+
+
 def resolve_dsn() -> tuple[str, bool]:
     """The database DSN, and whether it is the local cluster (started when needed)."""
     dsn = os.environ.get("WORKERS_DB_DSN")
@@ -227,6 +232,21 @@ def create_credentials(dsn: str, company: str) -> dict[str, str]:
         raise SystemExit(f"credentials create failed: {done.stderr.strip()}")
     found = dict(line.split(None, 1) for line in done.stdout.splitlines() if " " in line)
     return {"access_key": found["access_key"].strip(), "secret_key": found["secret_key"].strip()}
+
+
+# How long a server running elsewhere (--url) may take to apply a company's new limits.
+LIMITS_REFRESH_SECONDS = float(os.environ.get("WORKERS_LIMITS_REFRESH_SECONDS", "5"))
+
+
+def set_company_limits(dsn: str, company: str, *options: str) -> None:
+    """`python -m server companies set COMPANY OPTIONS...` (e.g. "--reports-per-second", "0")."""
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "companies", "set", company, *options],
+        cwd=ROOT, env={**os.environ, "WORKERS_DB_DSN": dsn}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"companies set failed: {done.stderr.strip()}")
+    log(done.stdout.strip())
 
 
 def login(server: ServerProcess, access_key: str, secret_key: str) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 # The status-report ingest benchmark, in one command (see bench/ingest.py):
 #
 #   bench/run.sh [--processes N] [--rounds 3] [--seconds 10] [--connections 64] [--workers 2000] [--fault] [--url URL]
+#   bench/run.sh --fairness [--processes N] [--seconds 20] ...   (see bench/fairness.py)
 #
 # Sets up .venv, installs wrk if it is missing (apt-get), starts the local TimescaleDB
 # unless WORKERS_DB_DSN names a database, then runs python -m bench.ingest.
@@ -26,4 +27,8 @@ if [ -z "${WORKERS_DB_DSN:-}" ]; then
     export WORKERS_DB_DSN
 fi
 
+if [ "${1:-}" = "--fairness" ]; then
+    shift
+    exec "$python" -m bench.fairness "$@"
+fi
 exec "$python" -m bench.ingest "$@"

@@ -7,7 +7,11 @@
     python -m server credentials list
     python -m server credentials revoke ACCESS_KEY
     python -m server rollups refresh [--since TIME | --every SECONDS]
+    python -m server companies list
+    python -m server companies set COMPANY [--workers N] [--metric-keys N] [--reports-per-second R] [--burst B]
+    python -m server companies unset COMPANY [--workers] [--metric-keys] [--reports-per-second] [--burst]
     python -m server demo-fleet [--workers N] [--period S] [--url URL] [--credentials FILE]
+    python -m server openapi
 """
 
 import argparse
@@ -22,10 +26,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import asyncpg
-from . import auth, background, demo, serving
+import orjson
+
+from . import auth, background, demo, openapi, serving
 from .app import create_app
 from .config import Settings
-from .storage import credentials, db, rollups, tenants
+from .limits import company_limits
+from .storage import credentials, db, registrations, rollups, statistics, tenants
+from .storage import limits as company_overrides
+from .storage.registrations import WorkerFilter
 
 DEFAULT_USER_NAME = "admin"
 
@@ -170,6 +179,102 @@ async def refresh_rollups(settings: Settings, args) -> int:
     return 0
 
 
+async def print_api_document(settings: Settings, args) -> None:
+    sys.stdout.write(orjson.dumps(openapi.document(settings), option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _limit(value: float) -> str:
+    return "no limit" if not value else f"{value:g}"
+
+
+def _limit_column(settings: Settings, override: asyncpg.Record | None, name: str) -> str:
+    """A company's limit `name`, marked * when it is the company's own override."""
+    own = override is not None and override[name] is not None
+    return _limit(getattr(company_limits(settings, override), name)) + ("*" if own else "")
+
+
+async def list_companies(settings: Settings, args) -> None:
+    """Every company with its limits (* its own override, else the default) and its usage:
+    live workers, distinct metric keys, reports per second over the last minute."""
+    conn = await _connect(settings)
+    try:
+        overrides = await company_overrides.overrides(conn)
+        rows = []
+        for company in await tenants.companies(conn):
+            override = overrides.get(company["id"])
+            workers = await registrations.count(conn, company["id"], WorkerFilter())
+            keys = len(await statistics.metric_keys(conn, company["id"], []))
+            rate = await statistics.recent_reports(conn, company["id"], 60) / 60
+            limit = {name: _limit_column(settings, override, name) for name in company_overrides.LIMIT_NAMES}
+            rows.append((company["name"], company["id"], f"{workers} / {limit['workers']}",
+                         f"{keys} / {limit['metric_keys']}", f"{rate:.1f} / {limit['reports_per_second']}",
+                         limit["burst"]))  # fmt: skip
+    finally:
+        await conn.close()
+    width = max([len("company"), *(len(row[0]) for row in rows)]) + 2
+    print(f"{'company':<{width}}{'id':<34}{'workers':<18}{'metric keys':<18}{'reports/s':<20}burst")
+    for name, company, workers, keys, rate, burst in rows:
+        print(f"{name:<{width}}{company:<34}{workers:<18}{keys:<18}{rate:<20}{burst}")
+    print("(usage / limit; * the company's own limit, else the default WORKERS_COMPANY_*)")
+
+
+def _requested_limits(args) -> dict:
+    return {name: getattr(args, name) for name in company_overrides.LIMIT_NAMES}
+
+
+async def _change_overrides(settings: Settings, name_or_id: str, change) -> asyncpg.Record | None:
+    """Run `change(conn, company id)` for the company with that id or name; its row, or None
+    (told on stderr) when there is none."""
+    conn = await _connect(settings)
+    try:
+        company = await tenants.find_company(conn, name_or_id)
+        if company is None:
+            print(f"no company with the id or name {name_or_id}", file=sys.stderr)
+        else:
+            await change(conn, company["id"])
+    finally:
+        await conn.close()
+    return company
+
+
+async def set_company_limits(settings: Settings, args) -> int:
+    values = _requested_limits(args)
+    if all(value is None for value in values.values()):
+        print("nothing to set: give --workers, --metric-keys, --reports-per-second or --burst", file=sys.stderr)
+        return 2
+    company = await _change_overrides(
+        settings, args.company, lambda conn, company: company_overrides.set_overrides(conn, company, values)
+    )
+    if company is None:
+        return 1
+    given = ", ".join(f"{name} {_limit(value)}" for name, value in values.items() if value is not None)
+    print(f"{company['name']} ({company['id']}): {given}; every server applies it within "
+          f"WORKERS_LIMITS_REFRESH_SECONDS ({settings.limits_refresh_seconds:g} s)")  # fmt: skip
+    return 0
+
+
+async def unset_company_limits(settings: Settings, args) -> int:
+    chosen = {name for name, flag in _requested_limits(args).items() if flag}
+    names = chosen or set(company_overrides.LIMIT_NAMES)
+    company = await _change_overrides(
+        settings, args.company, lambda conn, company: company_overrides.unset_overrides(conn, company, names)
+    )
+    if company is None:
+        return 1
+    print(f"{company['name']} ({company['id']}): back to the default for {', '.join(sorted(names))}")
+    return 0
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more: {text}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m server", description="Workers telemetry service.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -209,7 +314,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     refresh.add_argument("--every", type=float, help="refresh every SECONDS until the parent process exits")
     refresh.set_defaults(action=refresh_rollups)
+
+    companies = commands.add_parser("companies", help="the companies' limits and usage").add_subparsers(
+        dest="companies_command", required=True
+    )
+    companies.add_parser("list", help="every company with its limits and current usage").set_defaults(
+        action=list_companies
+    )
+    set_limits = companies.add_parser("set", help="override a company's limits (0: no limit)")
+    set_limits.add_argument("company", help="company id or name")
+    set_limits.add_argument("--workers", type=_non_negative(int), help="live registered workers")
+    set_limits.add_argument("--metric-keys", type=_non_negative(int), help="distinct metric keys")
+    set_limits.add_argument("--reports-per-second", type=_non_negative(float), help="stored status reports per second")
+    set_limits.add_argument("--burst", type=_non_negative(float), help="reports the token bucket holds")
+    set_limits.set_defaults(action=set_company_limits)
+    unset_limits = companies.add_parser("unset", help="back to the defaults (all of them unless some are named)")
+    unset_limits.add_argument("company", help="company id or name")
+    for flag in ("--workers", "--metric-keys", "--reports-per-second", "--burst"):
+        unset_limits.add_argument(flag, action="store_true")
+    unset_limits.set_defaults(action=unset_company_limits)
     demo.add_command(commands)
+    commands.add_parser(
+        "openapi", help="print the API description (OpenAPI 3.1, JSON), as served at /openapi.json"
+    ).set_defaults(action=print_api_document)
     return parser
 
 

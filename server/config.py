@@ -56,6 +56,26 @@ class Settings:
     # issued are accepted too (empty: not), and the web UI's session cookie.
     apiserver_token_secret: str = ""
     token_cookie: str = "clearml_token_basic"
+    # Prometheus metrics: off stops counting too. /metrics answers on the API's port without
+    # credentials unless metrics_credentials (then as any API call) or metrics_bind
+    # ("HOST:PORT": there alone, served by the `serve` command's master process).
+    metrics: bool = True
+    metrics_credentials: bool = False
+    metrics_bind: str = ""
+    # Limits (server/limits.py; README "Limits"): 0 is no limit. Per status report ...
+    max_metric_keys_per_report: int = 64
+    max_values_per_metric: int = 1024
+    max_values_per_report: int = 2048
+    # ... per company, each overridden per company by `python -m server companies set` ...
+    company_max_workers: int = 1000
+    company_max_metric_keys: int = 1000
+    company_reports_per_second: float = 200.0
+    company_report_burst_seconds: float = 2.0  # the token bucket holds this many seconds of the rate
+    limits_refresh_seconds: float = 5.0  # how often each process reads the overrides
+    # ... and per get_stats
+    max_stats_worker_ids: int = 1000
+    max_stats_items: int = 64
+    max_stats_series_buckets: int = 200_000
     # The batching writer of status reports
     writer_connections: int = 2
     writer_batch_size: int = 500

@@ -15,12 +15,17 @@ INVALID_CREDENTIALS = (401, 22)
 INVALID_TOKEN = (401, 30)
 METHOD_NOT_ALLOWED = (405, 0)
 BODY_TOO_LARGE = (413, 0)
+# A company's limits (server/limits.py): retry after the answer's Retry-After.
+TOO_MANY_REPORTS = (429, 0)  # reports per second
+TOO_MANY_WORKERS = (429, 1)  # live registered workers
+TOO_MANY_METRIC_KEYS = (429, 2)  # distinct metric keys
 DATABASE_UNAVAILABLE = (503, 0)
 INTERNAL_ERROR = (500, 0)
 
 
 class ApiError(Exception):
-    def __init__(self, code: tuple[int, int], message: str):
+    def __init__(self, code: tuple[int, int], message: str, *, retry_after: int | None = None):
         super().__init__(message)
         self.result_code, self.result_subcode = code
         self.message = message
+        self.retry_after = retry_after  # seconds: the answer's Retry-After header

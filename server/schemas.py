@@ -5,7 +5,9 @@ means the field is absent (unless the field gives `null` a meaning of its own), 
 are strict: no string is taken for a number, no number for a boolean.
 """
 
+import math
 import time
+from dataclasses import dataclass
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
 
@@ -114,7 +116,16 @@ class LastSeen(fields.Field):
 _NUMBER_TYPES = frozenset((int, float))
 # Larger magnitudes would overflow PostgreSQL's avg() (it sums squares) in get_stats.
 MAX_METRIC_MAGNITUDE = 1e100
-_VARIANT_NAMES = tuple(str(index) for index in range(256))
+_VARIANT_NAMES = tuple(str(index) for index in range(1024))
+
+
+@dataclass(frozen=True)
+class ReportLimits:
+    """Bounds of one status report's machine_stats (README "Limits"); 0 is no limit."""
+
+    metric_keys: int = 0
+    values_per_metric: int = 0
+    values_per_report: int = 0
 
 
 class MachineStats(fields.Field):
@@ -129,12 +140,24 @@ class MachineStats(fields.Field):
         "key": "Metric keys must be non-empty strings of at most 512 characters without NUL.",
         "value": "Value of '{metric}' must be a number or a list of numbers.",
         "range": "Values of '{metric}' must be between -1e100 and 1e100.",
+        "keys": "{count} metric keys, more than the limit of {limit} (WORKERS_MAX_METRIC_KEYS_PER_REPORT).",
+        "values": "'{metric}' has {count} values, more than the limit of {limit} (WORKERS_MAX_VALUES_PER_METRIC).",
+        "total": "{count} values, more than the limit of {limit} (WORKERS_MAX_VALUES_PER_REPORT).",
     }
+
+    def __init__(self, limits: ReportLimits = ReportLimits(), **kwargs):
+        super().__init__(**kwargs)
+        self.max_keys = limits.metric_keys or math.inf
+        self.max_values = limits.values_per_metric or math.inf
+        self.max_total = limits.values_per_report or math.inf
 
     def _deserialize(self, value, attr, data, **kwargs):
         if not isinstance(value, dict):
             raise self.make_error("type")
+        if len(value) > self.max_keys:
+            raise self.make_error("keys", count=len(value), limit=self.max_keys)
         metrics = {}
+        total = 0
         for key, sample in value.items():
             if not key or len(key) > MAX_ID_LENGTH or "\x00" in key:
                 raise self.make_error("key")
@@ -143,7 +166,11 @@ class MachineStats(fields.Field):
                 if abs(sample) > MAX_METRIC_MAGNITUDE:
                     raise self.make_error("range", metric=key)
                 metrics[key] = {"total": sample}
+                total += 1
             elif kind is list:
+                if len(sample) > self.max_values:
+                    raise self.make_error("values", metric=key, count=len(sample), limit=self.max_values)
+                total += len(sample)
                 # The usual list (numbers only) is checked and mapped to variants in C.
                 if set(map(type, sample)) <= _NUMBER_TYPES and len(sample) <= len(_VARIANT_NAMES):
                     if sample and max(map(abs, sample)) > MAX_METRIC_MAGNITUDE:
@@ -155,6 +182,8 @@ class MachineStats(fields.Field):
                     metrics[key] = variants
             elif sample is not None:
                 raise self.make_error("value", metric=key)
+        if total > self.max_total:
+            raise self.make_error("total", count=total, limit=self.max_total)
         return metrics
 
     def _variants(self, key: str, sample: list) -> dict:
@@ -210,6 +239,15 @@ class StatusReportRequest(RequestSchema):
     tags = TextList()
     system_tags = TextList()
     machine_stats = MachineStats()
+
+
+def bounded_status_report_request(limits: ReportLimits) -> StatusReportRequest:
+    """The status report schema whose machine_stats keeps within `limits` (what the server loads with)."""
+
+    class BoundedStatusReportRequest(StatusReportRequest):
+        machine_stats = MachineStats(limits)
+
+    return BoundedStatusReportRequest()
 
 
 class WorkerFilterRequest(RequestSchema):
@@ -269,7 +307,6 @@ def load(schema: Schema, body: dict) -> dict:
 login_request = LoginRequest()
 register_request = RegisterRequest()
 unregister_request = UnregisterRequest()
-status_report_request = StatusReportRequest()
 worker_filter_request = WorkerFilterRequest()
 metric_keys_request = MetricKeysRequest()
 activity_request = TimeRangeRequest()

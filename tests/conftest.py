@@ -11,19 +11,17 @@ A test that needs the database and cannot reach it fails; nothing is skipped.
 import asyncio
 import os
 import subprocess
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from helpers import Credentials, basic_auth
+from helpers import ROOT, Credentials, basic_auth, with_database
 
 from server import auth
 from server.app import create_app
 from server.config import Settings
 from server.storage import credentials, db, tenants
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMESCALEDB_IMAGE = "timescale/timescaledb:2.19.3-pg17"
 TABLES = (
     "worker_registrations, worker_stats, worker_metric_keys, credentials, users, companies, rollup_invalidations, "
@@ -32,10 +30,13 @@ TABLES = (
 
 # Settings the tests run the server with unless a test says otherwise: charts without the
 # 40 s floor so that buckets can be small, a fast expiry sweep, and a retention long enough
-# for reports at fixed past times (the retention sweep runs when a server starts).
+# for reports at fixed past times (the retention sweep runs when a server starts), and no
+# report rate limit: tests replay hours of a fleet's reports in seconds (tests/test_limits.py
+# sets the default rate where it tests it).
 TEST_SETTINGS = {
     "min_chart_interval": 1,
     "expiry_sweep_seconds": 0.2,
+    "company_reports_per_second": 0,
     **{f"{tier}_retention_days": 100_000 for tier in ("raw", "rollup_1m", "rollup_10m", "rollup_1h")},
 }
 
@@ -48,11 +49,6 @@ def _docker_engine_running() -> bool:
     except Exception:
         return False
     return True
-
-
-def with_database(dsn: str, database: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{database}"))
 
 
 async def _recreate_database(admin_dsn: str, database: str) -> None:

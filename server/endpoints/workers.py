@@ -4,9 +4,9 @@ import time
 from collections import defaultdict
 from datetime import datetime
 
-from .. import errors, schemas
+from .. import errors, limits, schemas
 from ..errors import ApiError
-from ..keys import POOL, WRITER
+from ..keys import LIMITS, POOL, WRITER
 from ..protocol import Call, client_ip
 from ..storage import charts, registrations, rollups, statistics
 from ..storage.registrations import WorkerFilter
@@ -20,7 +20,7 @@ async def register(call: Call) -> dict:
     timeout = body.get("timeout") or call.settings.default_timeout
     if timeout < 0:
         raise ApiError(errors.REGISTRATION_FAILED, "Worker registration failed: timeout must not be negative")
-    await registrations.register(
+    await call.request.app[LIMITS].register(
         call.request.app[POOL],
         call.identity.company,
         body["worker"],
@@ -37,34 +37,36 @@ async def register(call: Call) -> dict:
 async def unregister(call: Call) -> dict:
     body = schemas.load(schemas.unregister_request, call.body)
     removed = await registrations.unregister(call.request.app[POOL], call.identity.company, body["worker"])
+    call.request.app[LIMITS].forget(call.identity.company, body["worker"])
     if not removed and not call.settings.auto_unregister:
         raise ApiError(errors.WORKER_NOT_REGISTERED, f"Worker is not registered: {body['worker']}")
     return {}
 
 
 async def status_report(call: Call) -> dict:
-    body = schemas.load(schemas.status_report_request, call.body)
+    limiter = call.request.app[LIMITS]
+    body = schemas.load(limiter.report_schema, call.body)
     company, worker = call.identity.company, body["worker"]
     if not call.settings.auto_register and not await registrations.is_registered(
         call.request.app[POOL], company, worker
     ):
         raise ApiError(errors.INVALID_WORKER_ID, f"Invalid worker id: {worker} is not registered")
-    await call.request.app[WRITER].write(
-        Report(
-            company=company,
-            worker=worker,
-            user_id=call.identity.user,
-            ip=client_ip(call.request, call.settings.trust_proxy_headers),
-            timeout=call.settings.default_timeout,
-            time=body["timestamp"],
-            task=body.get("task"),
-            queue=body.get("queue"),
-            queues=body.get("queues"),
-            tags=body.get("tags"),
-            system_tags=body.get("system_tags"),
-            metrics=body.get("machine_stats", {}),
-        )
+    report = Report(
+        company=company,
+        worker=worker,
+        user_id=call.identity.user,
+        ip=client_ip(call.request, call.settings.trust_proxy_headers),
+        timeout=call.settings.default_timeout,
+        time=body["timestamp"],
+        task=body.get("task"),
+        queue=body.get("queue"),
+        queues=body.get("queues"),
+        tags=body.get("tags"),
+        system_tags=body.get("system_tags"),
+        metrics=body.get("machine_stats", {}),
     )
+    await limiter.admit_report(call.request.app[POOL], report)
+    await call.request.app[WRITER].write(report)
     return {}
 
 
@@ -128,6 +130,7 @@ async def get_count(call: Call) -> dict:
 
 async def get_metric_keys(call: Call) -> dict:
     body = schemas.load(schemas.metric_keys_request, call.body)
+    _check_worker_ids(call, body)
     keys = await statistics.metric_keys(call.request.app[POOL], call.identity.company, body.get("worker_ids", []))
     if not keys:
         raise ApiError(errors.WORKER_STATS_NOT_FOUND, "Worker stats not found for the requested workers")
@@ -157,6 +160,11 @@ def _bucket_starts(from_date: float, to_date: float, interval: int, limit: int) 
     return list(range(first, last + 1, interval))
 
 
+async def _workers_asked(call: Call, worker_ids: list[str]) -> int:
+    """How many workers a chart covers: those asked for, or the company's registered workers."""
+    return len(worker_ids) or await registrations.count(call.request.app[POOL], call.identity.company, WorkerFilter())
+
+
 async def _chart(call: Call, body: dict, worker_ids: list[str]) -> tuple[int, list[int], list[charts.Segment]]:
     """The effective interval, the buckets, and the sources that serve them (storage/charts.py)."""
     from_date, to_date = body["from_date"], body["to_date"]
@@ -168,7 +176,7 @@ async def _chart(call: Call, body: dict, worker_ids: list[str]) -> tuple[int, li
     if settings.read_from_rollups:
         raw_affordable = True
         if interval % rollups.FINEST.seconds:
-            workers = len(worker_ids) or await registrations.count(pool, call.identity.company, WorkerFilter())
+            workers = await _workers_asked(call, worker_ids)
             raw_affordable = charts.raw_worker_hours(interval, workers) <= settings.raw_read_budget_worker_hours
         interval = charts.choose_interval(interval, from_date, now, settings.retention, raw_affordable)
     buckets = _bucket_starts(from_date, to_date, interval, settings.max_chart_buckets)
@@ -186,8 +194,15 @@ def _variant_order(variant: str | None):
     return (0, int(variant), "") if variant is not None and variant.isdigit() else (1, 0, variant or "")
 
 
+def _check_worker_ids(call: Call, body: dict) -> None:
+    worker_ids = len(body.get("worker_ids", []))
+    limits.check_count(worker_ids, call.settings.max_stats_worker_ids, "worker_ids", "WORKERS_MAX_STATS_WORKER_IDS")
+
+
 async def get_stats(call: Call) -> dict:
     body = schemas.load(schemas.stats_request, call.body)
+    _check_worker_ids(call, body)
+    limits.check_count(len(body["items"]), call.settings.max_stats_items, "items", "WORKERS_MAX_STATS_ITEMS")
     worker_ids = body.get("worker_ids", [])
     interval, buckets, pieces = await _chart(call, body, worker_ids)
     aggregations: dict[str, list[str]] = {}
@@ -195,6 +210,10 @@ async def get_stats(call: Call) -> dict:
         wanted = aggregations.setdefault(item["key"], [])
         if item["aggregation"] not in wanted:
             wanted.append(item["aggregation"])
+    # Before the read: the workers asked for (or the company's registered workers) x metrics;
+    # after it: the series found (variants, and workers no longer registered, included).
+    workers = await _workers_asked(call, worker_ids)
+    limits.check_series_buckets(call.settings, workers * len(aggregations), len(buckets))
     found = await charts.stats(
         call.request.app[POOL],
         call.identity.company,
@@ -204,6 +223,7 @@ async def get_stats(call: Call) -> dict:
         worker_ids=worker_ids,
         split_by_variant=body["split_by_variant"],
     )
+    limits.check_series_buckets(call.settings, len(found), len(buckets))
     series: dict[str, dict[tuple[str, str | None], dict[int, dict]]] = defaultdict(dict)  # by worker
     for (worker, metric, variant), by_bucket in found.items():
         series[worker][(metric, variant)] = by_bucket

@@ -25,6 +25,14 @@ ON CONFLICT (company, worker, metric) DO UPDATE
 SET last_reported = greatest(k.last_reported, EXCLUDED.last_reported)
 """
 
+# A worker's metric keys new to its company, recorded when they are admitted (server/limits.py).
+_ADD_METRIC_KEYS = """
+INSERT INTO worker_metric_keys AS k (company, worker, metric, last_reported)
+SELECT $1, $2, m.metric, to_timestamp($4) FROM unnest($3::text[]) AS m (metric)
+ON CONFLICT (company, worker, metric) DO UPDATE
+SET last_reported = greatest(k.last_reported, EXCLUDED.last_reported)
+"""
+
 # Two statements rather than `cardinality($2) = 0 OR worker = ANY($2)`, whose generic
 # plan cannot use the index.
 _METRIC_KEYS = "SELECT DISTINCT metric FROM worker_metric_keys WHERE company = $1 ORDER BY metric"
@@ -73,6 +81,11 @@ def activity_part(low: str, high: str) -> str:
     return _ACTIVITY_PART.format(low=low, high=high)
 
 
+# Reports of company $1 timed in the last $2 seconds (not later: daemons' clocks may be ahead).
+_RECENT_REPORTS = """
+SELECT count(*) FROM worker_stats WHERE company = $1 AND time > now() - make_interval(secs => $2) AND time <= now()
+"""
+
 _DROP_CHUNKS = "SELECT count(*) FROM drop_chunks('worker_stats', older_than => now() - $1::double precision * interval '1 day')"
 _DELETE_STALE_KEYS = "DELETE FROM worker_metric_keys WHERE last_reported < now() - $1::double precision * interval '1 day'"
 
@@ -80,6 +93,15 @@ _DELETE_STALE_KEYS = "DELETE FROM worker_metric_keys WHERE last_reported < now()
 async def metric_keys(db, company: str, worker_ids: list[str]) -> list[str]:
     rows = await (db.fetch(_METRIC_KEYS_OF_WORKERS, company, worker_ids) if worker_ids else db.fetch(_METRIC_KEYS, company))
     return [row["metric"] for row in rows]
+
+
+async def add_metric_keys(db, company: str, worker: str, metrics: list[str], when: float) -> None:
+    await db.execute(_ADD_METRIC_KEYS, company, worker, metrics, when)
+
+
+async def recent_reports(db, company: str, seconds: float) -> int:
+    """The company's reports timed within the last `seconds`."""
+    return await db.fetchval(_RECENT_REPORTS, company, seconds)
 
 
 async def drop_older_than(db, days: float, keys_days: float) -> int:

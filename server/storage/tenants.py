@@ -2,6 +2,8 @@
 
 import uuid
 
+import asyncpg
+
 # Find by name, or create with a new id; safe when two callers create the same name at once.
 _COMPANY_ID = """
 WITH created AS (
@@ -58,3 +60,17 @@ async def ensure_company(db, company: str, name: str) -> None:
 async def ensure_user(db, company: str, user: str, name: str, role: str) -> None:
     """Create the company's user `user` unless it exists (idempotent, race-free)."""
     await db.execute(_ENSURE_USER, company, user, name, role)
+
+
+_FIND_COMPANY = "SELECT id, name FROM companies WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1"
+
+_COMPANIES = "SELECT id, name FROM companies ORDER BY name"
+
+
+async def find_company(db, name_or_id: str) -> asyncpg.Record | None:
+    """The company with that id or, failing that, that name (id, name); None if neither."""
+    return await db.fetchrow(_FIND_COMPANY, name_or_id)
+
+
+async def companies(db) -> list[asyncpg.Record]:
+    return await db.fetch(_COMPANIES)
