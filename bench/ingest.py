@@ -2,6 +2,7 @@
 
     bench/run.sh [--processes 1] [--rounds 3] [--seconds 10] [--connections 64]
                  [--workers 2000] [--fault] [--url URL]
+                 [--against-env NAME=VALUE ...] [--against-tree DIR]
 
 (`bench/run.sh` prepares the venv, wrk and the local database, then runs
 `python -m bench.ingest` with the same arguments.)
@@ -9,7 +10,9 @@
 Against the database in WORKERS_DB_DSN (default: the local cluster of
 scripts/local-timescaledb.sh, started if it is not running), it:
 
-1. creates a fresh company's credentials (`python -m server credentials create`);
+1. creates a fresh company's credentials (`python -m server credentials create`) and
+   raises its limits (`python -m server companies set`) to the fleet's size and a rate
+   far beyond the machine's: limits are checked on every report, never refuse one;
 2. starts the real server (`python -m server serve`; with --url, uses the one already
    running there, on the same database) and the bare server (`python -m bench.bare_app`:
    parse the JSON, answer the envelope, store nothing) on free loopback ports with the
@@ -18,6 +21,10 @@ scripts/local-timescaledb.sh, started if it is not running), it:
 4. runs `wrk -t1 -c{connections} --latency -s bench/report.lua` rounds, alternating bare
    and real, each on its own range of report indices, while sampling the memory of every
    server process;
+   With --against-env or --against-tree, a third server takes its turn in every round: the
+   real server with those environment variables (e.g. WORKERS_METRICS=false), or the one
+   of another checkout (e.g. `git worktree add /tmp/before HEAD~3`), so that a change's
+   cost is measured in one run, beside the ceiling, as a ratio;
 5. with --fault, runs one more real round during which the database is stopped and
    started again (local cluster only);
 6. prints the summary and the LOSS CHECK: the 200 answers of each real round equal the
@@ -51,6 +58,7 @@ import orjson
 from bench.common import (
     GPU_KEYS,
     HOST,
+    LIMITS_REFRESH_SECONDS,
     ROOT,
     SCALARS,
     ServerProcess,
@@ -65,7 +73,9 @@ from bench.common import (
     median,
     mib,
     parent_of,
+    require_wrk,
     resolve_dsn,
+    set_company_limits,
     worker_shape,
 )
 
@@ -81,6 +91,7 @@ FAULT_STOP_AT = 5.0
 FAULT_START_AT = 10.0
 FAULT_ANSWER_TIMEOUT = 5  # WORKERS_WRITER_ANSWER_TIMEOUT of the server in a --fault run
 HANG_MARGIN_S = 2.0  # a fault-round answer may take the answer timeout plus this
+BENCH_RATE = 1_000_000  # the benchmark company's reports per second (its limit is raised to it)
 
 
 def expected_report(idx: int, fleet: int) -> tuple[str, dict]:
@@ -200,8 +211,8 @@ class MemorySampler(threading.Thread):
 
 @dataclass
 class Round:
-    label: str  # "bare 1", "server 2", "fault"
-    kind: str  # "bare" | "server" | "fault"
+    label: str  # "bare 1", "server 2", "against 1", "fault"
+    kind: str  # "bare" | "server" | "against" | "fault"
     result: dict
     events: dict = field(default_factory=dict)  # fault round: seconds since wrk's start
     cpu: dict = field(default_factory=dict)  # percent of one core over the round: server, postgres, wrk
@@ -284,7 +295,7 @@ def run_wrk(
     }
     duration = int(send_seconds) + drain_seconds
     argv = [
-        "wrk", "-t1", f"-c{connections}", f"-d{duration}s", f"--timeout", f"{int(latency_limit_s)}s",
+        "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", f"{int(latency_limit_s)}s",
         "--latency", "-s", str(LUA_SCRIPT), f"{server.url}/",
     ]  # fmt: skip
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=duration + 60)
@@ -540,10 +551,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2000, help="fleet size: distinct worker ids (default 2000)")
     parser.add_argument("--fault", action="store_true", help="add a round that stops and restarts the local database")
     parser.add_argument(
+        "--against-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also measure the real server with this environment variable set (repeatable)",
+    )
+    parser.add_argument(
+        "--against-tree", type=Path, metavar="DIR", help="also measure the server of this checkout (another commit)"
+    )
+    parser.add_argument(
         "--url",
         help="measure the server already running at this URL (on WORKERS_DB_DSN's database) instead of starting one",
     )
     args = parser.parse_args(argv)
+    if any("=" not in item for item in args.against_env):
+        parser.error("--against-env takes NAME=VALUE")
+    if args.url and (args.against_env or args.against_tree):
+        parser.error("--against-* starts its own servers: not with --url")
     for name in ("processes", "rounds", "seconds", "connections", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -552,8 +577,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if subprocess.run(["sh", "-c", "command -v wrk"], capture_output=True).returncode != 0:
-        raise SystemExit("wrk is not installed (bench/run.sh installs it: apt-get install wrk)")
+    require_wrk()
     dsn, local = resolve_dsn()
     if args.fault and not local:
         raise SystemExit("--fault stops and starts the database: only with the local cluster (unset WORKERS_DB_DSN)")
@@ -584,6 +608,18 @@ def main(argv: list[str] | None = None) -> int:
          "--processes", str(args.processes)],
         bare_port, server_env, workdir / "bare.log",
     )  # fmt: skip
+    against = None
+    if args.against_env or args.against_tree:
+        against_port = free_port()
+        against = ServerProcess(
+            "against",
+            [sys.executable, "-m", "server", "serve", "--host", HOST, "--port", str(against_port),
+             "--processes", str(args.processes)],
+            against_port,
+            {**server_env, **dict(item.split("=", 1) for item in args.against_env)},
+            workdir / "against.log",
+            cwd=(args.against_tree or ROOT).resolve(),
+        )  # fmt: skip
     sampler = MemorySampler([real, bare])
     fault_thread: DatabaseFault | None = None
     rounds: list[Round] = []
@@ -597,10 +633,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         credentials = create_credentials(dsn, company_name)
         log(f"company {company_name}: access key {credentials['access_key']}")
-        real.start()
-        bare.start()
-        real.wait_ready(args.processes)
-        bare.wait_ready(args.processes)
+        # The limits stay on, checked on every report; this company's are raised to its fleet
+        # and far beyond any machine's rate, so that the benchmark measures the ceiling.
+        set_company_limits(dsn, company_name, "--workers", str(args.workers), "--reports-per-second", str(BENCH_RATE))
+        if args.url:
+            time.sleep(LIMITS_REFRESH_SECONDS + 1)  # the running server applies them
+        contenders = [bare, real] + ([against] if against else [])
+        for server in contenders:
+            server.start()
+        for server in contenders:
+            server.wait_ready(args.processes)
         sampler.start()
         token, company = login(real, credentials["access_key"], credentials["secret_key"])
         log(f"registering {args.workers:,} workers")
@@ -610,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         next_index = 0
         common = dict(token=token, fleet=args.workers, start_ms=start_ms, connections=args.connections)
         for number in range(1, args.rounds + 1):
-            for kind, server in (("bare", bare), ("server", real)):
+            for kind, server in zip(("bare", "server", "against"), contenders):
                 label = f"{kind} {number}"
                 log(f"round {label}: {args.seconds} s")
                 with CpuMeter(server) as meter:
@@ -647,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         real_rounds = [r for r in rounds if r.kind != "bare"]
         log("loss check: reading the stored rows")
         check = asyncio.run(loss_check(dsn, company, args.workers, start_ms, real_rounds))
-        return summarize(args, rounds, check, real, bare, answer_timeout, company_name)
+        return summarize(args, rounds, check, real, bare, answer_timeout, company_name, against)
     finally:
         sampler.halt.set()
         if fault_thread is not None:
@@ -655,19 +697,20 @@ def main(argv: list[str] | None = None) -> int:
             fault_thread.join(timeout=300)
             if fault_thread.database_down:
                 fault_thread.restart()
-        for server in (real, bare):
+        for server in filter(None, (real, bare, against)):
             with contextlib.suppress(Exception):
                 server.stop()
 
 
-def summarize(args, rounds: list[Round], check: LossCheck, real, bare, answer_timeout, company_name) -> int:
+def summarize(args, rounds: list[Round], check: LossCheck, real, bare, answer_timeout, company_name, against) -> int:
     by_label = {c.label: c for c in check.rounds}
     values_per = {label: (c.values / c.stored if c.stored else float("nan")) for label, c in by_label.items()}
     bare_rounds = [r for r in rounds if r.kind == "bare"]
     server_rounds = [r for r in rounds if r.kind == "server"]
     fault = next((r for r in rounds if r.kind == "fault"), None)
     failures: list[str] = []
-    for r in bare_rounds + server_rounds:
+    against_rounds = [r for r in rounds if r.kind == "against"]
+    for r in bare_rounds + server_rounds + against_rounds:
         unexpected = {code: n for code, n in r.statuses.items() if code != 200 and not (r.kind != "bare" and code == 503)}
         if unexpected:
             failures.append(f"{r.label}: answers {status_text(unexpected)}")
@@ -691,6 +734,12 @@ def summarize(args, rounds: list[Round], check: LossCheck, real, bare, answer_ti
     print(f"  server                     {server_rate:>10,.0f} reports/s   "
           f"({'n/a' if ratio != ratio else f'{ratio:.2f}'} of the ceiling; target >= 0.60: "
           f"{'met' if ratio >= 0.6 else 'NOT met'})")  # fmt: skip
+    if against_rounds:
+        against_rate = median([r.rate for r in against_rounds])
+        what = " ".join(args.against_env + ([f"tree {args.against_tree}"] if args.against_tree else []))
+        print(f"  against ({what})")
+        print(f"                             {against_rate:>10,.0f} reports/s   "
+              f"({against_rate / bare_rate:.2f} of the ceiling; server / against: {server_rate / against_rate:.3f})")  # fmt: skip
     print(f"  points                     {points:>10,.0f} values/s    ({values_each:.2f} values per report)")
     print(f"  latency p50 / p99          {p50:>7.2f} / {p99:.2f} ms (target p99 < 50 ms: {'met' if p99 < 50 else 'NOT met'})")
     print(f"  fleet at 1 report / 5 s    {server_rate * 5:>10,.0f} workers")

@@ -1,4 +1,5 @@
-"""The aiohttp application: one catch-all route into the protocol, and the resources it needs."""
+"""The aiohttp application: the routes beside the API (routes.py, page.py), one catch-all
+route into the protocol, and the resources they need."""
 
 import asyncio
 import contextlib
@@ -6,10 +7,11 @@ import secrets
 
 from aiohttp import web
 
-from . import background
+from . import background, metrics, routes
 from .config import Settings
 from .endpoints import ENDPOINTS
-from .keys import POOL, SETTINGS, SIGNING_KEY, WRITER
+from .limits import Limits
+from .keys import LIMITS, METRICS, POOL, REQUEST_OBSERVER, SETTINGS, SIGNING_KEY, WRITER
 from .keys import ENDPOINTS as ENDPOINTS_KEY
 from .protocol import dispatch
 from .storage import credentials, db
@@ -22,6 +24,7 @@ async def _database(app: web.Application):
     async with pool.acquire() as conn:
         await db.migrate(conn)
         app[SIGNING_KEY] = settings.auth_secret or await credentials.signing_key(conn, secrets.token_urlsafe(48))
+        await app[LIMITS].refresh(conn)
     writer = ReportWriter(
         settings.db_dsn,
         connections=settings.writer_connections,
@@ -29,6 +32,7 @@ async def _database(app: web.Application):
         max_delay=settings.writer_max_delay_ms / 1000,
         queue_limit=settings.writer_queue_limit,
         answer_timeout=settings.writer_answer_timeout,
+        metrics=app[METRICS],
     )
     await writer.start()
     app[POOL], app[WRITER] = pool, writer
@@ -38,7 +42,7 @@ async def _database(app: web.Application):
 
 
 async def _background(app: web.Application):
-    tasks = background.start(app[POOL], app[SETTINGS])
+    tasks = background.start(app[POOL], app[SETTINGS], app[METRICS], app[LIMITS])
     yield
     for task in tasks:
         task.cancel()
@@ -51,7 +55,11 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[ENDPOINTS_KEY] = ENDPOINTS
+    app[LIMITS] = Limits(settings)
+    app[METRICS] = metrics.create(ENDPOINTS) if settings.metrics else None
+    app[REQUEST_OBSERVER] = metrics.RequestObserver(app[METRICS], ENDPOINTS) if settings.metrics else None
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_background)
-    app.router.add_route("*", "/{path:.*}", dispatch)
+    routes.setup(app, settings)
+    app.router.add_route("*", r"/{path:[\s\S]*}", dispatch)  # any path, newlines included
     return app

@@ -1,9 +1,10 @@
-"""Periodic work: the expiry sweep of registrations, the retention of statistics, and the
-refresh of the rollups.
+"""Periodic work: the expiry sweep of registrations, the retention of statistics, the
+refresh of the rollups, and re-reading the companies' limits.
 
-Every server process runs the sweep and retention. The sweep is one idempotent DELETE, so
-concurrent sweeps are harmless; retention takes an advisory lock so that one process (or
-host) at a time drops chunks, and the others skip that round. The refresh runs in a
+Every server process runs the sweep, retention and the limits' refresh (server/limits.py).
+The sweep is one idempotent DELETE, so concurrent sweeps are harmless; retention takes an
+advisory lock so that one process (or host) at a time drops chunks, and the others skip
+that round. The rollups' refresh runs in a
 process of its own (`refresh_rollups_forever`, started by `python -m server serve` at a
 lower CPU priority): rolling up is CPU work that can wait while the server is busy taking
 reports (reads stay exact meanwhile), and it takes an advisory lock too.
@@ -18,6 +19,8 @@ from typing import Awaitable, Callable
 import asyncpg
 
 from .config import Settings
+from .limits import Limits
+from .metrics import Metrics
 from .storage import registrations, rollups, statistics
 from .storage.db import UNAVAILABLE_ERRORS
 
@@ -26,10 +29,13 @@ log = logging.getLogger(__name__)
 RETENTION_LOCK = 0x574B5254  # an arbitrary advisory lock key
 
 
-async def sweep_expired(pool: asyncpg.Pool) -> int:
+async def sweep_expired(pool: asyncpg.Pool, metrics: Metrics | None = None) -> int:
+    """Delete expired registrations; count the live ones for the metrics."""
     deleted = await registrations.delete_expired(pool)
     if deleted:
         log.info("expired %d worker registrations", deleted)
+    if metrics is not None:
+        metrics.registered_workers.set(await registrations.count_live(pool))
     return deleted
 
 
@@ -87,10 +93,14 @@ async def _every(
         await asyncio.sleep(seconds)
 
 
-def start(pool: asyncpg.Pool, settings: Settings) -> list[asyncio.Task]:
+def start(pool: asyncpg.Pool, settings: Settings, metrics: Metrics | None, limits: Limits) -> list[asyncio.Task]:
     return [
         asyncio.create_task(
-            _every(settings.expiry_sweep_seconds, lambda: sweep_expired(pool), "expiry sweep"),
+            _every(settings.limits_refresh_seconds, lambda: limits.refresh(pool), "limits refresh"),
+            name="limits-refresh",
+        ),
+        asyncio.create_task(
+            _every(settings.expiry_sweep_seconds, lambda: sweep_expired(pool, metrics), "expiry sweep"),
             name="expiry-sweep",
         ),
         asyncio.create_task(

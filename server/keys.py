@@ -4,6 +4,7 @@ import asyncpg
 from aiohttp import web
 
 from .config import Settings
+from .limits import Limits
 from .storage.writer import ReportWriter
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -11,3 +12,7 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 WRITER = web.AppKey("writer", ReportWriter)
 ENDPOINTS = web.AppKey("endpoints", dict)
 SIGNING_KEY = web.AppKey("signing_key", str)
+LIMITS = web.AppKey("limits", Limits)
+METRICS = web.AppKey("metrics", object)  # metrics.Metrics, or None when metrics are off
+REQUEST_OBSERVER = web.AppKey("request_observer", object)  # metrics.RequestObserver, or None
+API_DOCUMENT = web.AppKey("api_document", bytes)  # the OpenAPI document, as served

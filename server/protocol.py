@@ -8,6 +8,7 @@ decodes the JSON body, identifies the caller, runs the endpoint and wraps what i
 import functools
 import logging
 import re
+import time
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from aiohttp import web
 from . import __version__, auth, errors
 from .config import Settings
 from .errors import ApiError
-from .keys import ENDPOINTS, SETTINGS
+from .keys import ENDPOINTS, METRICS, REQUEST_OBSERVER, SETTINGS
 from .storage.db import UNAVAILABLE_ERRORS
 
 API_VERSION = "2.30"
@@ -28,11 +29,12 @@ SERVER_VERSION = __version__
 
 log = logging.getLogger(__name__)
 
-# On 503 the real daemon's HTTP client waits this long before it retries.
-_RETRY_LATER = {"Retry-After": "1"}
+# On 503 the real daemon's HTTP client waits this long before it retries (on 429, as long
+# as the error's retry_after says).
+_RETRY_LATER_SECONDS = 1
 
 METHODS = frozenset({"GET", "POST", "PUT"})
-_PATH = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<endpoint>[A-Za-z_][\w]*\.[A-Za-z_][\w]*)/?$")
+_PATH = re.compile(r"/(?:v(?P<version>\d+\.\d+)/)?(?P<endpoint>[A-Za-z_]\w*\.[A-Za-z_]\w*)/?", re.ASCII)
 
 
 @dataclass(slots=True)
@@ -69,7 +71,10 @@ def envelope(
     code: tuple[int, int] = (200, 0),
     message: str = "OK",
     error_stack: str | None = None,
+    retry_after: int | None = None,
 ) -> web.Response:
+    if retry_after is None and code[0] == 503:
+        retry_after = _RETRY_LATER_SECONDS
     call_id = uuid.uuid4().hex
     meta = {
         "id": call_id,
@@ -89,7 +94,7 @@ def envelope(
         body=orjson.dumps({"meta": meta, "data": data}),
         status=code[0],
         content_type="application/json",
-        headers=_RETRY_LATER if code[0] == 503 else None,
+        headers={"Retry-After": str(retry_after)} if retry_after is not None else None,
     )
 
 
@@ -106,7 +111,7 @@ def client_ip(request: web.Request, trust_proxy_headers: bool) -> str | None:
 
 
 def decode_body(raw: bytes) -> dict:
-    if not raw.strip():
+    if not raw:  # SPEC §1: an empty body means {} (whitespace alone is not JSON)
         return {}
     try:
         body = orjson.loads(raw)
@@ -118,9 +123,24 @@ def decode_body(raw: bytes) -> dict:
 
 
 async def dispatch(request: web.Request) -> web.Response:
-    match = _PATH.match(request.path)
+    started = time.perf_counter()
+    match = _PATH.fullmatch(request.path)
     endpoint_name = match["endpoint"] if match else request.path.lstrip("/")
     version = (match and match["version"]) or API_VERSION
+    response = await _answer(request, match, endpoint_name, version)
+    observer = request.app[REQUEST_OBSERVER]
+    if observer is not None:
+        observer.observe(endpoint_name, response.status, started)
+    return response
+
+
+def _count_database_error(request: web.Request, kind: str) -> None:
+    metrics = request.app[METRICS]
+    if metrics is not None:
+        metrics.database_errors.labels(kind).inc()
+
+
+async def _answer(request: web.Request, match: re.Match | None, endpoint_name: str, version: str) -> web.Response:
     try:
         endpoint = request.app[ENDPOINTS].get(endpoint_name) if match else None
         if endpoint is None:
@@ -138,7 +158,8 @@ async def dispatch(request: web.Request) -> web.Response:
         data = await endpoint(Call(endpoint_name, decode_body(raw), identity, request))
         return envelope(endpoint_name, version, data)
     except ApiError as error:
-        return envelope(endpoint_name, version, {}, (error.result_code, error.result_subcode), error.message)
+        code = (error.result_code, error.result_subcode)
+        return envelope(endpoint_name, version, {}, code, error.message, retry_after=error.retry_after)
     except asyncpg.ForeignKeyViolationError:
         # Only a valid token for a company deleted since (or from a recreated database with
         # the same WORKERS_AUTH_SECRET) can name a company that does not exist.
@@ -147,10 +168,13 @@ async def dispatch(request: web.Request) -> web.Response:
         )
     except UNAVAILABLE_ERRORS as error:
         log.warning("database unavailable during %s: %r", endpoint_name, error)
+        _count_database_error(request, "unavailable")
         return envelope(
             endpoint_name, version, {}, errors.DATABASE_UNAVAILABLE, "database temporarily unavailable, retry later"
         )
-    except Exception:
+    except Exception as error:
         log.exception("unexpected error in %s", endpoint_name)
+        if isinstance(error, asyncpg.PostgresError):
+            _count_database_error(request, "statement")
         stack = traceback.format_exc() if request.app[SETTINGS].debug else None
         return envelope(endpoint_name, version, {}, errors.INTERNAL_ERROR, "internal server error", stack)

@@ -4,13 +4,22 @@ Every process runs the whole application, background tasks included: the expiry 
 an idempotent DELETE and retention takes an advisory lock, so several processes (or hosts)
 share the work safely. On SIGTERM each process stops accepting, finishes its requests and
 drains its report writer before it exits.
+
+Metrics: every process writes its samples to files in PROMETHEUS_MULTIPROC_DIR (a fresh
+directory unless the operator names one), which `/metrics` sums (server/metrics.py); with
+WORKERS_METRICS_BIND the master process serves that sum on its own address instead.
 """
 
+import contextlib
+import os
+import shutil
+import tempfile
 from typing import Callable
 
 from aiohttp import web
 from gunicorn.app.base import BaseApplication
 
+from . import metrics
 from .config import Settings
 
 WORKER_CLASS = "aiohttp.GunicornUVLoopWebWorker"
@@ -33,7 +42,37 @@ def gunicorn_options(settings: Settings) -> dict:
         # gunicorn >= 25 opens a control socket at one fixed path: several servers on a
         # machine would collide on it.
         "control_socket_disable": True,
+        "child_exit": lambda arbiter, worker: metrics.process_exited(worker.pid),
+        "when_ready": lambda arbiter: _serve_metrics(settings.metrics_bind) if settings.metrics_bind else None,
     }
+
+
+def _serve_metrics(bind: str) -> None:
+    """Serve every process's metrics on `bind` (HOST:PORT) from the master, in a thread."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    host, _, port = bind.rpartition(":")
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+
+
+@contextlib.contextmanager
+def _metrics_directory():
+    """PROMETHEUS_MULTIPROC_DIR for the server processes, empty at start."""
+    named = os.environ.get(metrics.MULTIPROCESS_DIR)
+    directory = named or tempfile.mkdtemp(prefix="workers-metrics-")
+    if named:
+        os.makedirs(named, exist_ok=True)
+        for entry in os.scandir(named):  # samples of an earlier run would be summed in
+            if entry.name.endswith(".db"):
+                os.remove(entry.path)
+    os.environ[metrics.MULTIPROCESS_DIR] = directory
+    try:
+        yield
+    finally:
+        if not named:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 class _Server(BaseApplication):
@@ -53,4 +92,5 @@ class _Server(BaseApplication):
 
 def serve(make_app: Callable[[], web.Application], settings: Settings) -> None:
     """Run until SIGTERM or SIGINT; `make_app` is called in each worker process."""
-    _Server(make_app, gunicorn_options(settings)).run()
+    with _metrics_directory():
+        _Server(make_app, gunicorn_options(settings)).run()

@@ -1,10 +1,20 @@
 """What the tests share besides fixtures: calling the API and reading what is stored."""
 
 import base64
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # The eight endpoints of SPEC §2.
@@ -67,3 +77,73 @@ async def table_snapshot(conn) -> dict:
         table: [tuple(row) for row in await conn.fetch(f"SELECT * FROM {table} ORDER BY 1, 2, 3")]
         for table in ("worker_registrations", "worker_stats", "worker_metric_keys")
     }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(dsn: str, log: Path, *, processes: int = 1, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m server serve` as in production, on a free port; (process, base url).
+    Its output goes to `log`; `wait_until_ready` waits for it to answer."""
+    port = free_port()
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--processes", str(processes)],
+            cwd=ROOT,
+            env={**os.environ, "WORKERS_DB_DSN": dsn, **(env or {})},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_until_ready(base: str, process: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait for GET /readyz to answer 200 (every process started, the database reachable)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"the server exited with {process.returncode}"
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"the server was not ready within {timeout} s"
+        time.sleep(0.2)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and cleans up), then SIGKILL if it is still there."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+async def set_database_open(dsn: str, open_: bool, *, keep_pid: int | None = None) -> None:
+    """As in maintenance: `False` makes the database refuse connections and ends those it has
+    (but the backend `keep_pid`); `True` opens it again."""
+    database = urlsplit(dsn).path.lstrip("/")
+    admin = await asyncpg.connect(with_database(dsn, "postgres"))
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(open_).lower()}')
+        if not open_:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> $2",
+                database,
+                keep_pid or 0,
+            )
+    finally:
+        await admin.close()

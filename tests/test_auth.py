@@ -93,6 +93,15 @@ async def test_login_expiration_as_the_daemon_sends_it_in_the_query(anonymous):
     assert claims["exp"] - claims["iat"] == 120
 
 
+@pytest.mark.parametrize("value", ["0", "2147483648", "soon", "²", ""])
+async def test_login_rejects_an_invalid_expiration_in_the_query(anonymous, value):
+    code, subcode, message, _ = await call(
+        anonymous, f"auth.login?expiration_sec={value}", {"expiration_sec": 60}, headers=basic(anonymous.credentials)
+    )
+    assert (code, subcode) == (400, 12)
+    assert "expiration_sec" in message
+
+
 async def test_configured_token_lifetime(make_client):
     client = await make_client(authenticated=False, token_lifetime_seconds=600)
     claims = claims_of(await login(client, basic(client.credentials)))

@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+import yaml
+from helpers import ROOT
 
 
 def compose_files() -> list[Path]:
@@ -31,3 +31,14 @@ def test_compose_file_is_valid(path):
         ["docker-compose", "-f", str(path), "config", "--quiet"], cwd=path.parent, capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize("path", compose_files(), ids=lambda path: str(path.relative_to(ROOT)))
+def test_the_server_has_a_readiness_healthcheck(path):
+    """Each service built from this repository is healthy when its /readyz answers 200."""
+    services = yaml.safe_load(path.read_text())["services"]
+    built = [name for name, service in services.items() if "build" in service]
+    assert built, path
+    for name in built:
+        probe = " ".join(services[name]["healthcheck"]["test"])
+        assert "/readyz" in probe, name

@@ -31,8 +31,8 @@ import aiohttp
 import psutil
 import pytest
 from apiserver_standin import ApiServer, create_app
+from helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = ROOT / "deploy" / "nginx" / "clearml-workers.conf"
 TOKEN_SECRET = "apiserver-token-secret-of-this-test"
 WORKER = "e2e-host:cpu:0"
@@ -43,12 +43,6 @@ AGENT_CONFIG = """
 agent { disable_agent_update_check: true }
 api.http { wait_on_maintenance_forever: false, retries { total: 1 } }
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def nginx_config(tmp: Path, listen: int, apiserver: int, workers: int) -> str:

@@ -4,25 +4,16 @@ uvloop worker, every process serving the whole API, and a clean drain on SIGTERM
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ROOT, create_credentials
-from helpers import basic_auth
+from conftest import create_credentials
+from helpers import basic_auth, start_server, stop_server
 
 PROCESSES = 2
 REPORTS = 200
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -40,21 +31,9 @@ def _children(pid: int) -> list[int]:
 @pytest.fixture
 def server(dsn, tmp_path):
     """A server started as in production, on a free port; yields (process, base url)."""
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--processes", str(PROCESSES)],
-        cwd=ROOT,
-        env={**os.environ, "WORKERS_DB_DSN": dsn},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    yield process, f"http://127.0.0.1:{port}"
-    if process.poll() is None:
-        process.kill()
-        process.wait(10)
-    log.close()
+    process, base = start_server(dsn, tmp_path / "server.log", processes=PROCESSES)
+    yield process, base
+    stop_server(process)
 
 
 async def _wait_until_serving(base: str, headers: dict) -> None:

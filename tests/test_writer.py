@@ -3,12 +3,10 @@
 import asyncio
 import socket
 import time
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from conftest import with_database
-from helpers import basic_auth, call, now_ms, ok
+from helpers import basic_auth, call, now_ms, ok, set_database_open
 
 from server.errors import ApiError
 from server.storage import tenants
@@ -234,8 +232,6 @@ async def test_status_report_answers_503_when_the_database_is_down(client, db_co
 
 async def test_a_database_refusing_connections_answers_503_then_recovers(make_client, dsn, db_conn):
     # As during maintenance: the database exists but takes no connections (SQLSTATE 55000).
-    database = urlsplit(dsn).path.lstrip("/")
-    admin = await asyncpg.connect(with_database(dsn, "postgres"))
     client = await make_client(authenticated=False)
     caller = client.credentials
     token = (await ok(client, "auth.login", headers={"Authorization": basic_auth(caller.access_key, caller.secret)}))[
@@ -244,14 +240,8 @@ async def test_a_database_refusing_connections_answers_503_then_recovers(make_cl
     bearer = {"Authorization": f"Bearer {token}"}
     report = {"worker": "w1", "timestamp": now_ms(), "machine_stats": {"cpu_usage": 5}}
     await ok(client, "workers.status_report", report, headers=bearer)
-    allow = f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {{}}'
-    await admin.execute(allow.format("false"))
+    await set_database_open(dsn, False, keep_pid=db_conn.get_server_pid())
     try:
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> $2",
-            database,
-            db_conn.get_server_pid(),
-        )
         await asyncio.sleep(0.2)
         for endpoint, body in (
             ("workers.get_all", {}),
@@ -260,9 +250,16 @@ async def test_a_database_refusing_connections_answers_503_then_recovers(make_cl
         ):
             code, _, message, _ = await call(client, endpoint, body, headers=bearer)
             assert code == 503, (endpoint, message)
+        not_ready = await client.get("/readyz")
+        assert not_ready.status == 503
+        assert (await not_ready.json())["checks"]["database"].startswith("unavailable")
     finally:
-        await admin.execute(allow.format("true"))
-        await admin.close()
+        await set_database_open(dsn, True)
     await asyncio.sleep(1.2)  # the writer tries the database again after a second
     await ok(client, "workers.status_report", {**report, "timestamp": now_ms()}, headers=bearer)
     assert await db_conn.fetchval("SELECT count(*) FROM worker_stats") == 2
+    assert (await client.get("/readyz")).status == 200
+    metrics = await (await client.get("/metrics")).text()
+    assert 'workers_reports_unavailable_total{cause="database_down"} 1.0' in metrics
+    assert 'workers_database_errors_total{kind="unavailable"}' in metrics
+    assert 'workers_database_errors_total{kind="unavailable"} 0.0' not in metrics

@@ -98,3 +98,9 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATIONS_LOCK)
     return applied_now
+
+
+async def pending_migrations(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """The migration files not applied to this database yet."""
+    applied = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+    return [path.name for version, path in migration_files(directory) if version not in applied]

@@ -99,6 +99,8 @@ _COUNT = f"SELECT count(*) FROM worker_registrations AS r WHERE {_FILTER}"
 
 _DELETE_EXPIRED = "DELETE FROM worker_registrations WHERE expires_at <= now()"
 
+_COUNT_LIVE = "SELECT count(*) FROM worker_registrations WHERE expires_at > now()"
+
 
 @dataclass(frozen=True)
 class WorkerFilter:
@@ -156,6 +158,11 @@ async def find(db, company: str, where: WorkerFilter) -> list[asyncpg.Record]:
 
 async def count(db, company: str, where: WorkerFilter) -> int:
     return await db.fetchval(_COUNT, company, *where.arguments())
+
+
+async def count_live(db) -> int:
+    """Live registrations of every company."""
+    return await db.fetchval(_COUNT_LIVE)
 
 
 async def delete_expired(db) -> int:

@@ -28,6 +28,7 @@ import orjson
 
 from .. import errors
 from ..errors import ApiError
+from ..metrics import DATABASE_DOWN, NOT_STORED_IN_TIME, QUEUE_FULL, SHUTTING_DOWN, Metrics
 from . import registrations, rollups, statistics
 from .db import UNAVAILABLE_ERRORS
 
@@ -65,8 +66,11 @@ class Report:
     metrics: dict  # {metric: {variant: value}}
 
 
-def _unavailable(message: str) -> ApiError:
-    return ApiError(errors.DATABASE_UNAVAILABLE, message)
+_RETRY_LATER = {
+    SHUTTING_DOWN: "server is shutting down, retry later",
+    DATABASE_DOWN: "database temporarily unavailable, retry later",
+    QUEUE_FULL: "too many reports waiting to be stored, retry later",
+}
 
 
 class ReportWriter:
@@ -80,6 +84,7 @@ class ReportWriter:
         queue_limit: int = 10_000,
         answer_timeout: float = 10.0,
         retry_delay: float = 1.0,
+        metrics: Metrics | None = None,
     ):
         self._dsn = dsn
         self._batch_size = batch_size
@@ -94,6 +99,7 @@ class ReportWriter:
         self._known_keys: dict[tuple[str, str], tuple[float, frozenset]] = {}
         self._closing = False
         self._tasks: list[asyncio.Task] = []
+        self._metrics = metrics
 
     async def start(self) -> None:
         self._tasks = [
@@ -112,22 +118,40 @@ class ReportWriter:
 
     async def write(self, report: Report) -> None:
         """Return once `report` is committed; raise 503 when it cannot be (now)."""
-        if self._closing:
-            raise _unavailable("server is shutting down, retry later")
-        if time.monotonic() < self._unavailable_until:
-            raise _unavailable("database temporarily unavailable, retry later")
-        if len(self._queue) >= self._queue_limit:
-            raise _unavailable("too many reports waiting to be stored, retry later")
+        refusal = self.refusal()
+        if refusal is not None:
+            raise self._refuse(refusal, _RETRY_LATER[refusal])
         loop = asyncio.get_running_loop()
         stored = loop.create_future()
         self._queue.append((report, stored))
         self._wakeup.set()
         # Cheaper than asyncio.wait_for on the hot path: one timer, cancelled once stored.
-        timer = loop.call_later(self._answer_timeout, _expire, stored, self._answer_timeout)
+        timer = loop.call_later(self._answer_timeout, self._expire, stored)
         try:
             await stored
         finally:
             timer.cancel()
+
+    def refusal(self) -> str | None:
+        """Why a report would be refused now (a cause of metrics.UNAVAILABLE_CAUSES), or None."""
+        if self._closing:
+            return SHUTTING_DOWN
+        if time.monotonic() < self._unavailable_until:
+            return DATABASE_DOWN
+        if len(self._queue) >= self._queue_limit:
+            return QUEUE_FULL
+        return None
+
+    def _refuse(self, cause: str, message: str, reports: int = 1) -> ApiError:
+        if self._metrics is not None:
+            self._metrics.reports_unavailable.labels(cause).inc(reports)
+        return ApiError(errors.DATABASE_UNAVAILABLE, message)
+
+    def _expire(self, stored: asyncio.Future) -> None:
+        if not stored.done():
+            stored.set_exception(
+                self._refuse(NOT_STORED_IN_TIME, f"report not stored within {self._answer_timeout:g} s, retry later")
+            )
 
     async def _run(self, slot: int) -> None:
         while True:
@@ -142,6 +166,8 @@ class ReportWriter:
             count = min(len(self._queue), self._batch_size)
             # A report already answered (timed out) is not stored: its sender will retry it.
             batch = [item for item in (self._queue.popleft() for _ in range(count)) if not item[1].done()]
+            if self._metrics is not None:
+                self._metrics.writer_queue.set(len(self._queue))
             if not batch:
                 continue
             try:
@@ -153,16 +179,20 @@ class ReportWriter:
     async def _store(self, slot: int, batch: list[tuple[Report, asyncio.Future]]) -> None:
         reports = [report for report, _ in batch]
         parameters, written_keys = self._parameters(reports)
+        started = time.perf_counter()
         try:
             connection = await self._connect(slot)
             await connection.execute(WRITE_BATCH, *parameters, timeout=self._answer_timeout)
         except UNAVAILABLE_ERRORS as error:
             log.warning("database unavailable, %d reports answered 503: %r", len(batch), error)
+            self._count_database_error("unavailable")
             self._unavailable_until = time.monotonic() + self._retry_delay
             self._disconnect(slot)
-            _settle(batch, _unavailable("database temporarily unavailable, retry later"))
+            waiting = sum(not stored.done() for _, stored in batch)
+            _settle(batch, self._refuse(DATABASE_DOWN, _RETRY_LATER[DATABASE_DOWN], waiting))
             return
         except asyncpg.PostgresError as error:
+            self._count_database_error("statement")
             if len(batch) == 1:
                 _settle(batch, error)
                 return
@@ -173,6 +203,14 @@ class ReportWriter:
             return
         self._remember_keys(written_keys)
         _settle(batch, None)
+        if self._metrics is not None:
+            self._metrics.commit_seconds.observe(time.perf_counter() - started)
+            self._metrics.batch_size.observe(len(batch))
+            self._metrics.reports_stored.inc(len(batch))
+
+    def _count_database_error(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.database_errors.labels(kind).inc()
 
     def _parameters(self, reports: list[Report]) -> tuple[tuple[str, str, str], dict]:
         """WRITE_BATCH's three jsonb parameters, and the metric keys they write."""
@@ -244,11 +282,6 @@ class ReportWriter:
         if self._connections[slot] is not None:
             self._connections[slot].terminate()
             self._connections[slot] = None
-
-
-def _expire(stored: asyncio.Future, after: float) -> None:
-    if not stored.done():
-        stored.set_exception(_unavailable(f"report not stored within {after:g} s, retry later"))
 
 
 def _settle(batch: list[tuple[Report, asyncio.Future]], error: BaseException | None) -> None:

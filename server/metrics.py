@@ -1,0 +1,161 @@
+"""Prometheus metrics (prometheus-client), correct across several server processes.
+
+`python -m server serve` sets PROMETHEUS_MULTIPROC_DIR before it forks the server processes
+(serving.py): each process then writes its samples to files there, and `/metrics`, in any
+process, sums every process's files. Without it (one process, the tests), samples live in
+the application's own registry.
+
+prometheus_client chooses between the two when it is first imported, so it is imported
+here only when an application's metrics are created: in the server processes, after the
+directory is set.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds: from a status report's ~1 ms to a chart's tens of seconds (the read timeout).
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+# Why a status report was answered 503 (storage/writer.py).
+SHUTTING_DOWN = "shutting_down"
+DATABASE_DOWN = "database_down"
+QUEUE_FULL = "queue_full"
+NOT_STORED_IN_TIME = "not_stored_in_time"
+UNAVAILABLE_CAUSES = (SHUTTING_DOWN, DATABASE_DOWN, QUEUE_FULL, NOT_STORED_IN_TIME)
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    registry: Any  # prometheus_client.CollectorRegistry
+    requests: Any
+    request_seconds: Any
+    reports_stored: Any
+    reports_unavailable: Any
+    writer_queue: Any
+    batch_size: Any
+    commit_seconds: Any
+    database_errors: Any
+    registered_workers: Any
+
+
+def create(known_endpoints) -> Metrics:
+    import prometheus_client as prom
+
+    registry = prom.CollectorRegistry()
+    metrics = Metrics(
+        registry=registry,
+        requests=prom.Counter(
+            "workers_requests",
+            "API calls answered, by endpoint and result code",
+            ["endpoint", "code"],
+            registry=registry,
+        ),
+        request_seconds=prom.Histogram(
+            "workers_request_duration_seconds",
+            "Time to answer an API call, by endpoint",
+            ["endpoint"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        ),
+        reports_stored=prom.Counter("workers_reports_stored", "Status reports stored", registry=registry),
+        reports_unavailable=prom.Counter(
+            "workers_reports_unavailable",
+            "Status reports answered 503 (the daemon retries them), by cause",
+            ["cause"],
+            registry=registry,
+        ),
+        writer_queue=prom.Gauge(
+            "workers_writer_queue_depth",
+            "Status reports waiting for the batching writer",
+            registry=registry,
+            multiprocess_mode="livesum",
+        ),
+        batch_size=prom.Histogram(
+            "workers_writer_batch_size",
+            "Status reports per batch the writer stores",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        ),
+        commit_seconds=prom.Histogram(
+            "workers_writer_commit_duration_seconds",
+            "Time to store one batch of status reports",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        ),
+        database_errors=prom.Counter(
+            "workers_database_errors",
+            "Database errors: unavailable (connection lost, refused, timed out) or failed statements",
+            ["kind"],
+            registry=registry,
+        ),
+        registered_workers=prom.Gauge(
+            "workers_registered_workers",
+            "Live worker registrations (every company), as of the last expiry sweep",
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        ),
+    )
+    # Every series exists from the start at 0, so that rate() and ratios see their first samples.
+    for endpoint in known_endpoints:
+        metrics.request_seconds.labels(endpoint)
+    for cause in UNAVAILABLE_CAUSES:
+        metrics.reports_unavailable.labels(cause)
+    for kind in ("unavailable", "statement"):
+        metrics.database_errors.labels(kind)
+    return metrics
+
+
+class RequestObserver:
+    """Counts and times API calls; keeps each label set's children, so that an observation
+    costs no label lookup."""
+
+    def __init__(self, metrics: Metrics, known_endpoints):
+        self._metrics = metrics
+        self._known = frozenset(known_endpoints)
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._timers: dict[str, Any] = {}
+
+    def observe(self, endpoint: str, code: int, started: float) -> None:
+        if endpoint not in self._known:
+            endpoint = "unknown"  # the path is whatever a client sent: never a label value
+        counter = self._counters.get((endpoint, code))
+        if counter is None:
+            counter = self._counters[(endpoint, code)] = self._metrics.requests.labels(endpoint, str(code))
+        timer = self._timers.get(endpoint)
+        if timer is None:
+            timer = self._timers[endpoint] = self._metrics.request_seconds.labels(endpoint)
+        counter.inc()
+        timer.observe(time.perf_counter() - started)
+
+
+def exposition(metrics: Metrics) -> bytes:
+    """The text exposition of every server process's samples (or this process's alone)."""
+    import prometheus_client as prom
+    from prometheus_client import multiprocess
+
+    directory = os.environ.get(MULTIPROCESS_DIR)
+    if not directory:
+        return prom.generate_latest(metrics.registry)
+    registry = prom.CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return prom.generate_latest(registry)
+
+
+def text_response(body: bytes) -> web.Response:
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def process_exited(pid: int) -> None:
+    """gunicorn's child_exit: the files of a process's live gauges go with it."""
+    from prometheus_client import multiprocess
+
+    if os.environ.get(MULTIPROCESS_DIR):
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,133 @@
+"""Answer bodies: marshmallow schemas of the envelope and of each endpoint's `data` (SPEC §1, §2).
+
+The server builds its answers as plain dicts (orjson serialises them on the hot path); these
+schemas describe them for the API description (server/openapi.py), and the tests check every
+answer against that description.
+"""
+
+from marshmallow import Schema, fields, validate
+
+
+class Strict(Schema):
+    """An answer object: exactly these fields, each of them always present unless marked."""
+
+    class Meta:
+        ordered = True
+
+
+class EndpointVersion(Strict):
+    name = fields.String(required=True)
+    requested_version = fields.String(metadata={"example": "2.30"}, required=True)
+    actual_version = fields.String(metadata={"example": "2.30"}, required=True)
+
+
+class Meta(Strict):
+    id = fields.String(validate=validate.Regexp(r"^[0-9a-f]{32}$"), required=True)
+    trx = fields.String(validate=validate.Regexp(r"^[0-9a-f]{32}$"), required=True)
+    endpoint = fields.Nested(EndpointVersion, required=True)
+    result_code = fields.Integer(metadata={"description": "equals the HTTP status"}, required=True)
+    result_subcode = fields.Integer(required=True)
+    result_msg = fields.String(required=True)
+    error_stack = fields.String(allow_none=True, required=True)
+    error_data = fields.Dict(required=True)
+
+
+class Empty(Strict):
+    """`data: {}`: the answer of register, unregister, status_report, and of every error."""
+
+
+class Token(Strict):
+    token = fields.String(metadata={"description": "a JWT (HS256): send it as `Authorization: Bearer`"}, required=True)
+
+
+class Reference(Strict):
+    id = fields.String(required=True)
+
+
+class Named(Strict):
+    id = fields.String(required=True)
+    name = fields.String(required=True)
+
+
+class Worker(Strict):
+    id = fields.String(required=True)
+    key = fields.String(required=True)
+    user = fields.Nested(Named, required=True)
+    company = fields.Nested(Named, required=True)
+    ip = fields.String(allow_none=True, required=True)
+    register_time = fields.DateTime(allow_none=True, required=True)
+    register_timeout = fields.Integer(required=True)
+    last_activity_time = fields.DateTime(allow_none=True, required=True)
+    last_report_time = fields.DateTime(allow_none=True, required=True)
+    task = fields.Nested(Reference, allow_none=True, required=True)
+    queue = fields.Nested(Reference, allow_none=True, required=True)
+    queues = fields.List(fields.Nested(Reference), required=True)
+    tags = fields.List(fields.String(), required=True)
+    system_tags = fields.List(fields.String(), required=True)
+
+
+class Workers(Strict):
+    workers = fields.List(fields.Nested(Worker), required=True)
+
+
+class Count(Strict):
+    count = fields.Integer(required=True)
+
+
+class MetricCategory(Strict):
+    name = fields.String(metadata={"description": "the metric key's prefix before its first '_'"}, required=True)
+    metric_keys = fields.List(fields.String(), required=True)
+
+
+class MetricKeys(Strict):
+    categories = fields.List(fields.Nested(MetricCategory), required=True)
+
+
+Dates = fields.List(
+    fields.Integer(), required=True, metadata={"description": "each bucket's start, in milliseconds since the epoch"}
+)
+
+
+class AggregatedValues(Strict):
+    aggregation = fields.String(validate=validate.OneOf(["avg", "min", "max"]), required=True)
+    values = fields.List(fields.Float(), metadata={"description": "one per date; 0 where nothing was reported"}, required=True)
+
+
+class MetricSeries(Strict):
+    metric = fields.String(required=True)
+    variant = fields.String(metadata={"description": "present with split_by_variant: 'total', or a list index"})
+    dates = Dates
+    stats = fields.List(fields.Nested(AggregatedValues), required=True)
+
+
+class WorkerSeries(Strict):
+    worker = fields.String(required=True)
+    metrics = fields.List(fields.Nested(MetricSeries), required=True)
+
+
+class Stats(Strict):
+    workers = fields.List(fields.Nested(WorkerSeries), required=True)
+
+
+class Counts(Strict):
+    dates = Dates
+    counts = fields.List(fields.Integer(), required=True)
+
+
+class ActivityReport(Strict):
+    total = fields.Nested(Counts, metadata={"description": "workers that reported in each bucket"}, required=True)
+    active = fields.Nested(Counts, metadata={"description": "of those, workers that ran a task"}, required=True)
+
+
+# Each endpoint's `data` on success.
+DATA = {
+    "auth.login": Token,
+    "workers.register": Empty,
+    "workers.unregister": Empty,
+    "workers.status_report": Empty,
+    "workers.get_all": Workers,
+    "workers.get_count": Count,
+    "workers.get_metric_keys": MetricKeys,
+    "workers.get_stats": Stats,
+    "workers.get_activity_report": ActivityReport,
+}
