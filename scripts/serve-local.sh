@@ -28,7 +28,9 @@ cat <<INFO
   database       ${WORKERS_DB_DSN}
   credentials    access_key ${access_key}
                  secret_key ${secret_key}
+  fleet page     http://127.0.0.1:${port}/  (sign in with the access key and secret key)
   try            curl -s -u ${access_key}:${secret_key} http://127.0.0.1:${port}/workers.get_count
+  API            http://127.0.0.1:${port}/openapi.json    metrics  /metrics    health  /healthz /readyz
   demo fleet     ${python} -m server demo-fleet --workers 12 --url http://127.0.0.1:${port}
                  (in another terminal: simulated daemons, registered and reporting until Ctrl-C)
 

@@ -7,7 +7,7 @@ import secrets
 
 from aiohttp import web
 
-from . import background, metrics, routes
+from . import background, metrics, page, routes
 from .config import Settings
 from .endpoints import ENDPOINTS
 from .limits import Limits
@@ -61,5 +61,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_background)
     routes.setup(app, settings)
+    page.setup(app)
     app.router.add_route("*", r"/{path:[\s\S]*}", dispatch)  # any path, newlines included
     return app
