@@ -15,4 +15,3 @@ SIGNING_KEY = web.AppKey("signing_key", str)
 LIMITS = web.AppKey("limits", Limits)
 METRICS = web.AppKey("metrics", object)  # metrics.Metrics, or None when metrics are off
 REQUEST_OBSERVER = web.AppKey("request_observer", object)  # metrics.RequestObserver, or None
-API_DOCUMENT = web.AppKey("api_document", bytes)  # the OpenAPI document, as served

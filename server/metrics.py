@@ -113,6 +113,12 @@ def create(known_endpoints) -> Metrics:
     return metrics
 
 
+def count_database_error(metrics: Metrics | None, kind: str) -> None:
+    """`kind`: "unavailable" or "statement"; nothing when metrics are off."""
+    if metrics is not None:
+        metrics.database_errors.labels(kind).inc()
+
+
 class RequestObserver:
     """Counts and times API calls; keeps each label set's children, so that an observation
     costs no label lookup."""

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from . import __version__, auth, errors
+from . import __version__, auth, errors, metrics
 from .config import Settings
 from .errors import ApiError
 from .keys import ENDPOINTS, METRICS, REQUEST_OBSERVER, SETTINGS
@@ -134,12 +134,6 @@ async def dispatch(request: web.Request) -> web.Response:
     return response
 
 
-def _count_database_error(request: web.Request, kind: str) -> None:
-    metrics = request.app[METRICS]
-    if metrics is not None:
-        metrics.database_errors.labels(kind).inc()
-
-
 async def _answer(request: web.Request, match: re.Match | None, endpoint_name: str, version: str) -> web.Response:
     try:
         endpoint = request.app[ENDPOINTS].get(endpoint_name) if match else None
@@ -168,13 +162,13 @@ async def _answer(request: web.Request, match: re.Match | None, endpoint_name: s
         )
     except UNAVAILABLE_ERRORS as error:
         log.warning("database unavailable during %s: %r", endpoint_name, error)
-        _count_database_error(request, "unavailable")
+        metrics.count_database_error(request.app[METRICS], "unavailable")
         return envelope(
             endpoint_name, version, {}, errors.DATABASE_UNAVAILABLE, "database temporarily unavailable, retry later"
         )
     except Exception as error:
         log.exception("unexpected error in %s", endpoint_name)
         if isinstance(error, asyncpg.PostgresError):
-            _count_database_error(request, "statement")
+            metrics.count_database_error(request.app[METRICS], "statement")
         stack = traceback.format_exc() if request.app[SETTINGS].debug else None
         return envelope(endpoint_name, version, {}, errors.INTERNAL_ERROR, "internal server error", stack)

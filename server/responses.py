@@ -90,7 +90,9 @@ Dates = fields.List(
 
 class AggregatedValues(Strict):
     aggregation = fields.String(validate=validate.OneOf(["avg", "min", "max"]), required=True)
-    values = fields.List(fields.Float(), metadata={"description": "one per date; 0 where nothing was reported"}, required=True)
+    values = fields.List(
+        fields.Float(), metadata={"description": "one per date; 0 where nothing was reported"}, required=True
+    )
 
 
 class MetricSeries(Strict):

@@ -97,12 +97,16 @@ def database_dsn():
 @pytest.fixture
 async def dsn(database_dsn):
     """The test database, its tables emptied before the test."""
-    conn = await asyncpg.connect(database_dsn)
+    await empty_tables(database_dsn)
+    return database_dsn
+
+
+async def empty_tables(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(f"TRUNCATE {TABLES} CASCADE")
     finally:
         await conn.close()
-    return database_dsn
 
 
 @pytest.fixture
@@ -113,13 +117,16 @@ async def db_conn(dsn):
     await conn.close()
 
 
-async def create_credentials(dsn: str, company: str, user: str) -> Credentials:
-    """What `python -m server credentials create` makes, made directly."""
+async def create_credentials(
+    dsn: str, company: str, user: str, access_key: str | None = None, secret: str | None = None
+) -> Credentials:
+    """What `python -m server credentials create` makes, made directly (with this key and
+    secret, when given)."""
     conn = await asyncpg.connect(dsn)
     try:
         company_id = await tenants.company_named(conn, company)
         user_id = await tenants.user_named(conn, company_id, user)
-        access_key, secret = auth.new_access_key(), auth.new_secret()
+        access_key, secret = access_key or auth.new_access_key(), secret or auth.new_secret()
         await credentials.create(conn, access_key, auth.hash_secret(secret), company_id, user_id)
     finally:
         await conn.close()

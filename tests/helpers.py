@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,16 @@ def start_server(dsn: str, log: Path, *, processes: int = 1, env: dict | None = 
             stderr=subprocess.STDOUT,
         )
     return process, f"http://127.0.0.1:{port}"
+
+
+def fetch(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+    """A blocking HTTP call: (status, headers, body), whatever the status."""
+    request = urllib.request.Request(url, method=method, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
 
 
 def wait_until_ready(base: str, process: subprocess.Popen, timeout: float = 30) -> None:

@@ -13,13 +13,13 @@ import asyncpg
 import orjson
 import pytest
 import schemathesis
+from conftest import create_credentials
 from helpers import start_server, stop_server, table_snapshot, wait_until_ready
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from server import auth, openapi
 from server.config import Settings
-from server.storage import credentials, tenants
 
 EXAMPLES_PER_OPERATION = 12  # 54 operations (9 endpoints x 2 paths x 3 methods): sized for CI
 # The same examples every run (CI stays reproducible); WORKERS_FUZZ_RANDOM=1 explores anew.
@@ -32,16 +32,6 @@ QUIET_BACKGROUND = {"WORKERS_EXPIRY_SWEEP_SECONDS": "86400", "WORKERS_RETENTION_
 ACCESS_KEY, SECRET = auth.new_access_key(), auth.new_secret()
 
 
-async def _store_credentials(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        company = await tenants.company_named(conn, "fuzzed company")
-        user = await tenants.user_named(conn, company, "fuzzer")
-        await credentials.create(conn, ACCESS_KEY, auth.hash_secret(SECRET), company, user)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def served(database_dsn, tmp_path_factory):
     """The server's base URL, and what it stores (for the fuzzed company's credentials)."""
@@ -49,7 +39,7 @@ def served(database_dsn, tmp_path_factory):
     # No expiry sweep or retention while fuzzing: they change what is stored on their own.
     process, base = start_server(database_dsn, log, env=QUIET_BACKGROUND)
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(_store_credentials(database_dsn))
+    loop.run_until_complete(create_credentials(database_dsn, "fuzzed company", "fuzzer", ACCESS_KEY, SECRET))
     conn = loop.run_until_complete(asyncpg.connect(database_dsn))
     try:
         wait_until_ready(base, process)
@@ -63,7 +53,8 @@ def served(database_dsn, tmp_path_factory):
 
 def result_code_is_status(ctx, response, case):
     meta = orjson.loads(response.content)["meta"]
-    assert meta["result_code"] == response.status_code, f"HTTP {response.status_code}, result_code {meta['result_code']}"
+    status, code = response.status_code, meta["result_code"]
+    assert code == status, f"HTTP {status}, result_code {code}"
 
 
 # The document a server with the default settings serves (test_openapi.py shows it is the

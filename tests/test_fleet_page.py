@@ -14,17 +14,14 @@ import re
 import threading
 import time
 import tomllib
-import urllib.request
 from dataclasses import dataclass
-from urllib.error import HTTPError
 
 import aiohttp
-import asyncpg
 import orjson
 import pytest
 from aiohttp import web
-from conftest import ROOT, TABLES, TEST_SETTINGS, create_credentials
-from helpers import Credentials, basic_auth, set_database_open
+from conftest import ROOT, TEST_SETTINGS, create_credentials, empty_tables
+from helpers import Credentials, basic_auth, fetch, set_database_open
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -185,23 +182,14 @@ async def report_live(url: str, headers: dict, machines: list[demo.Machine], sto
                 pass
 
 
-async def _empty_tables(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f"TRUNCATE {TABLES} CASCADE")
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def fleet(database_dsn):
     """The served application, its credentials, its fleet (four demo machines and a hostile
     one) reporting, and the observer of its requests."""
-    asyncio.run(_empty_tables(database_dsn))
+    asyncio.run(empty_tables(database_dsn))
     caller = asyncio.run(create_credentials(database_dsn, "fleet-page", "viewer"))
     observer = Observer()
-    # The history is sent as fast as the server takes it: no per-company report rate.
-    app = create_app(Settings(db_dsn=database_dsn, **{**TEST_SETTINGS, "company_reports_per_second": 0}))
+    app = create_app(Settings(db_dsn=database_dsn, **TEST_SETTINGS))
     app.middlewares.append(observer.middleware)
     server = ServerThread(app)
     url = server.start()
@@ -326,15 +314,6 @@ def select_only(driver, worker: str) -> None:
 
 
 # --- the files, their headers, the package ---------------------------------------------------
-
-
-def fetch(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
-    request = urllib.request.Request(url, method=method, data=body, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request) as response:
-            return response.status, response.headers, response.read()
-    except HTTPError as error:
-        return error.code, error.headers, error.read()
 
 
 @pytest.mark.parametrize("path, content_type", [

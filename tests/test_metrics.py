@@ -2,13 +2,11 @@
 
 import asyncio
 import os
-import urllib.error
-import urllib.request
 
 import asyncpg
 import pytest
 from conftest import create_credentials
-from helpers import basic_auth, call, free_port, now_ms, ok, start_server, stop_server, wait_until_ready
+from helpers import basic_auth, call, fetch, free_port, now_ms, ok, start_server, stop_server, wait_until_ready
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -132,14 +130,6 @@ async def test_health_checks(make_client, db_conn):
     assert (await client.get("/readyz")).status == 200
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 @pytest.mark.parametrize("separate_bind", [False, True], ids=["on the API port", "on a bind of its own"])
 async def test_every_process_is_counted(dsn, tmp_path, separate_bind):
     """Two server processes: every scrape, whichever process answers it, sums both."""
@@ -155,9 +145,7 @@ async def test_every_process_is_counted(dsn, tmp_path, separate_bind):
 
         def send(index: int) -> int:
             body = f'{{"worker": "w{index}", "timestamp": {now_ms()}}}'.encode()
-            request = urllib.request.Request(f"{base}/workers.status_report", data=body, headers=headers)
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                return answer.status
+            return fetch(f"{base}/workers.status_report", "POST", body, headers)[0]
 
         # A new connection each: the kernel spreads them over both processes' sockets.
         assert await asyncio.gather(*(asyncio.to_thread(send, index) for index in range(40))) == [200] * 40
@@ -165,13 +153,13 @@ async def test_every_process_is_counted(dsn, tmp_path, separate_bind):
         assert len(files) == 2, files  # both processes counted some
         url = f"http://127.0.0.1:{metrics_port}/metrics" if separate_bind else f"{base}/metrics"
         for _ in range(6):
-            status, text = await asyncio.to_thread(_get, url)
+            status, _, text = await asyncio.to_thread(fetch, url)
             assert status == 200
-            found = samples(text)
+            found = samples(text.decode())
             assert found[("workers_reports_stored_total", ())] == 40
             assert requests_of(found, "workers.status_report", 200) == 40
         if separate_bind:
-            status, _ = await asyncio.to_thread(_get, f"{base}/metrics")
+            status, _, _ = await asyncio.to_thread(fetch, f"{base}/metrics")
             assert status == 400  # not on the API's port then
     finally:
         stop_server(process)

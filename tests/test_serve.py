@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import create_credentials
-from helpers import basic_auth, start_server, stop_server
+from helpers import basic_auth, start_server, stop_server, wait_until_ready
 
 PROCESSES = 2
 REPORTS = 200
@@ -36,25 +36,11 @@ def server(dsn, tmp_path):
     stop_server(process)
 
 
-async def _wait_until_serving(base: str, headers: dict) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession(headers=headers) as session:
-        while True:
-            try:
-                async with session.post(f"{base}/workers.get_count", json={}) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start within 30 s"
-            await asyncio.sleep(0.2)
-
-
 async def test_processes_serve_the_api_and_drain_on_sigterm(server, dsn, db_conn):
     process, base = server
     caller = await create_credentials(dsn, "served", "daemon")
     headers = {"Authorization": basic_auth(caller.access_key, caller.secret)}
-    await _wait_until_serving(base, headers)
+    await asyncio.to_thread(wait_until_ready, base, process)
     children = _children(process.pid)
     refreshers = [pid for pid in children if b"rollups\x00refresh\x00--every" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     servers = [pid for pid in children if pid not in refreshers]

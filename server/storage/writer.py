@@ -28,7 +28,7 @@ import orjson
 
 from .. import errors
 from ..errors import ApiError
-from ..metrics import DATABASE_DOWN, NOT_STORED_IN_TIME, QUEUE_FULL, SHUTTING_DOWN, Metrics
+from ..metrics import DATABASE_DOWN, NOT_STORED_IN_TIME, QUEUE_FULL, SHUTTING_DOWN, Metrics, count_database_error
 from . import registrations, rollups, statistics
 from .db import UNAVAILABLE_ERRORS
 
@@ -185,14 +185,14 @@ class ReportWriter:
             await connection.execute(WRITE_BATCH, *parameters, timeout=self._answer_timeout)
         except UNAVAILABLE_ERRORS as error:
             log.warning("database unavailable, %d reports answered 503: %r", len(batch), error)
-            self._count_database_error("unavailable")
+            count_database_error(self._metrics, "unavailable")
             self._unavailable_until = time.monotonic() + self._retry_delay
             self._disconnect(slot)
             waiting = sum(not stored.done() for _, stored in batch)
             _settle(batch, self._refuse(DATABASE_DOWN, _RETRY_LATER[DATABASE_DOWN], waiting))
             return
         except asyncpg.PostgresError as error:
-            self._count_database_error("statement")
+            count_database_error(self._metrics, "statement")
             if len(batch) == 1:
                 _settle(batch, error)
                 return
@@ -207,11 +207,6 @@ class ReportWriter:
             self._metrics.commit_seconds.observe(time.perf_counter() - started)
             self._metrics.batch_size.observe(len(batch))
             self._metrics.reports_stored.inc(len(batch))
-
-    def _count_database_error(self, kind: str) -> None:
-        if self._metrics is not None:
-            self._metrics.database_errors.labels(kind).inc()
-
     def _parameters(self, reports: list[Report]) -> tuple[tuple[str, str, str], dict]:
         """WRITE_BATCH's three jsonb parameters, and the metric keys they write."""
         registrations: dict[tuple[str, str], dict] = {}
