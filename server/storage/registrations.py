@@ -33,14 +33,16 @@ ON CONFLICT (company, worker) DO UPDATE SET
 # (company, worker), sorted by that key so that concurrent writers lock rows in the same
 # order. A report refreshes a live registration; an unknown or expired one is (re)created
 # with the report's timeout. queues/tags/system_tags are null in an entry when the report
-# did not send them: kept as they are.
+# did not send them: kept as they are. Entries of reports that do not register (a bulk import
+# of history) are skipped.
 REPORTS_UPSERT = f"""
 INSERT INTO worker_registrations AS w ({_COLUMNS})
 SELECT r.company, r.worker, r.user_id, r.ip, now(), r.timeout, now(), now(),
        now() + make_interval(secs => r.timeout), r.task, r.queue, r.queues, r.tags, r.system_tags
 FROM jsonb_to_recordset($1::jsonb) AS r (
     company text, worker text, user_id text, ip text, timeout integer,
-    task text, queue text, queues text[], tags text[], system_tags text[])
+    task text, queue text, queues text[], tags text[], system_tags text[], register boolean)
+WHERE r.register
 ORDER BY r.company, r.worker
 ON CONFLICT (company, worker) DO UPDATE SET
     user_id = CASE WHEN w.expires_at > now() THEN w.user_id ELSE EXCLUDED.user_id END,

@@ -64,6 +64,7 @@ class Report:
     tags: list[str] | None
     system_tags: list[str] | None
     metrics: dict  # {metric: {variant: value}}
+    register: bool = True  # False (a bulk import of history): stored without touching the registration
 
 
 _RETRY_LATER = {
@@ -225,6 +226,7 @@ class ReportWriter:
                 "queues": report.queues,
                 "tags": report.tags,
                 "system_tags": report.system_tags,
+                "register": report.register,
                 # The worker's earliest and latest report time in the batch: what the rollups'
                 # invalidation log records when they fall behind the watermark.
                 "low": report.time,
@@ -237,6 +239,7 @@ class ReportWriter:
                     if entry[name] is None:
                         entry[name] = earlier[name]
                 entry["low"], entry["high"] = min(earlier["low"], report.time), max(earlier["high"], report.time)
+                entry["register"] = entry["register"] or earlier["register"]
             registrations[key] = entry
             known = written.get(key) or self._known_keys.get(key)
             if known is None or report.time > known[0] + METRIC_KEY_REFRESH:
