@@ -1,5 +1,6 @@
-"""What the benchmarks in bench/ share: the agent-shaped report, the local database, the
-server processes they start, credentials and logging in, small helpers.
+"""What the benchmarks in bench/ share: the agent-shaped report, the local database and the
+benchmarks' own databases, the server processes they start, credentials and logging in, an
+API client, CPU and process readings from /proc, small helpers.
 
 The report shapes are those of bench/report.lua (keep the two in step): 4, 8 or 16 cores,
 0 to 4 GPUs, the scalars below; 12 to 37 values per report.
@@ -16,15 +17,19 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import aiohttp
+import asyncpg
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_DB_SCRIPT = ROOT / "scripts" / "local-timescaledb.sh"
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:55432/workers"
 HOST = "127.0.0.1"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 CORES = (4, 8, 16)
 GPUS = (0, 0, 0, 1, 1, 2, 2, 4)
@@ -106,6 +111,41 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields_after_comm[11]) + int(fields_after_comm[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def reaped_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of the children a process has waited for (cutime + cstime)."""
+    found = stat_fields(pid)
+    if found is None:
+        return None
+    fields_after_comm = found[1]
+    return (int(fields_after_comm[13]) + int(fields_after_comm[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def command_line(pid: int) -> str:
+    """A process's command line (or title, as PostgreSQL sets it), arguments joined by
+    spaces ("": it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of the whole machine since boot, all cores: (busy, total). Busy is all
+    but idle and iowait, niced work included."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]
+    total = sum(ticks[:8])  # guest time is already counted in user
+    return (total - idle) / os.sysconf("SC_CLK_TCK"), total / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages, as /proc/loadavg gives them."""
+    with open("/proc/loadavg") as loadavg:
+        return " ".join(loadavg.read().split()[:3])
+
+
 def children_of(pid: int) -> list[int]:
     return [
         child
@@ -120,6 +160,27 @@ def parent_of(pid: int) -> int:
     return int(found[1][1]) if found else 0
 
 
+def listening_processes(port: int) -> list[int]:
+    """Processes of this machine holding a TCP socket that listens on `port`, and their
+    common parent when they share one (gunicorn's master, with one socket per worker)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                columns = line.split()
+                if int(columns[1].rsplit(":", 1)[1], 16) == port and columns[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{columns[9]}]")
+    found = []
+    for pid, _, _ in every_process():
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                found.append(pid)
+    parents = {parent_of(pid) for pid in found}
+    if len(found) > 1 and len(parents) == 1 and (parent := parents.pop()) not in found and parent > 1:
+        found.insert(0, parent)
+    return found
+
+
 def http_json(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 5) -> tuple[int, dict]:
     request = urllib.request.Request(
         url, data=orjson.dumps(body or {}), headers={"Content-Type": "application/json", **(headers or {})}
@@ -129,6 +190,41 @@ def http_json(url: str, body: dict | None = None, headers: dict | None = None, t
             return answer.status, orjson.loads(answer.read())
     except urllib.error.HTTPError as error:
         return error.code, orjson.loads(error.read() or b"{}")
+
+
+class ApiClient:
+    """Bearer-authenticated JSON requests to one server over a kept-alive connection (POST, or
+    GET with a JSON body as the daemons send them)."""
+
+    def __init__(self, url: str, token: str, timeout: float, method: str = "POST"):
+        self.url, self.headers = url, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.method = method
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+
+    async def call(self, endpoint: str, body: dict) -> tuple[float, int, bytes]:
+        """Milliseconds until the whole answer arrived, its status and body."""
+        payload = orjson.dumps(body)
+        began = time.perf_counter()
+        url = f"{self.url}/{endpoint}"
+        async with self.session.request(self.method, url, data=payload, headers=self.headers) as answer:
+            content = await answer.read()
+        return (time.perf_counter() - began) * 1000, answer.status, content
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+def chart_body(from_date: float, to_date: float, interval: int, items: list[tuple[str, str]], workers: list[str]) -> dict:
+    """A get_stats request: `items` as (key, aggregation); no workers: the whole fleet."""
+    body = {
+        "from_date": from_date,
+        "to_date": to_date,
+        "interval": interval,
+        "items": [{"key": key, "aggregation": aggregation} for key, aggregation in items],
+    }
+    if workers:
+        body["worker_ids"] = workers
+    return body
 
 
 # ------------------------------------------------------------------------- servers
@@ -223,10 +319,33 @@ def resolve_dsn() -> tuple[str, bool]:
     return dsn, code == 0 and last == dsn
 
 
-def create_credentials(dsn: str, company: str) -> dict[str, str]:
+def tree_env(tree: Path) -> dict[str, str]:
+    """Environment variables that make `python -m server` (run with `tree` as its working
+    directory) import that checkout's code: none for this one."""
+    return {} if tree.resolve() == ROOT else {"PYTHONPATH": str(tree.resolve())}
+
+
+def database_dsn(cluster_dsn: str, name: str) -> str:
+    """`cluster_dsn` with its database replaced by `name`."""
+    parts = urllib.parse.urlsplit(cluster_dsn)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def recreate_database(cluster_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(cluster_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def create_credentials(dsn: str, company: str, tree: Path = ROOT) -> dict[str, str]:
+    """A new access key of the company (created if missing), by `tree`'s own code."""
     done = subprocess.run(
         [sys.executable, "-m", "server", "credentials", "create", "--company", company, "--user", "bench"],
-        cwd=ROOT, env={**os.environ, "WORKERS_DB_DSN": dsn}, capture_output=True, text=True, timeout=120,
+        cwd=tree, env={**os.environ, "WORKERS_DB_DSN": dsn, **tree_env(tree)}, capture_output=True, text=True,
+        timeout=120,
     )  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"credentials create failed: {done.stderr.strip()}")
@@ -238,11 +357,13 @@ def create_credentials(dsn: str, company: str) -> dict[str, str]:
 LIMITS_REFRESH_SECONDS = float(os.environ.get("WORKERS_LIMITS_REFRESH_SECONDS", "5"))
 
 
-def set_company_limits(dsn: str, company: str, *options: str) -> None:
-    """`python -m server companies set COMPANY OPTIONS...` (e.g. "--reports-per-second", "0")."""
+def set_company_limits(dsn: str, company: str, *options: str, tree: Path = ROOT) -> None:
+    """`python -m server companies set COMPANY OPTIONS...` (e.g. "--reports-per-second", "0"),
+    by `tree`'s own code."""
     done = subprocess.run(
         [sys.executable, "-m", "server", "companies", "set", company, *options],
-        cwd=ROOT, env={**os.environ, "WORKERS_DB_DSN": dsn}, capture_output=True, text=True, timeout=120,
+        cwd=tree, env={**os.environ, "WORKERS_DB_DSN": dsn, **tree_env(tree)}, capture_output=True, text=True,
+        timeout=120,
     )  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"companies set failed: {done.stderr.strip()}")

@@ -59,6 +59,7 @@ from bench.common import (
     GPU_KEYS,
     HOST,
     LIMITS_REFRESH_SECONDS,
+    LOOPBACK,
     ROOT,
     SCALARS,
     ServerProcess,
@@ -67,6 +68,7 @@ from bench.common import (
     every_process,
     free_port,
     http_json,
+    listening_processes,
     local_db,
     log,
     login,
@@ -80,7 +82,6 @@ from bench.common import (
 )
 
 LUA_SCRIPT = ROOT / "bench" / "report.lua"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # The values of bench/report.lua (keep the two in step).
 MODULUS, STEP_IDX, STEP_K = 100_000, 7919, 104_729
 
@@ -127,27 +128,6 @@ def postgres_cpu_seconds() -> float:
         if name == "postgres"
     )
     return total / os.sysconf("SC_CLK_TCK")
-
-
-def listening_processes(port: int) -> list[int]:
-    """Processes of this machine holding a TCP socket that listens on `port`, and their
-    common parent when they share one (gunicorn's master, with one socket per worker)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as lines:
-            for line in list(lines)[1:]:
-                columns = line.split()
-                if int(columns[1].rsplit(":", 1)[1], 16) == port and columns[3] == "0A":  # 0A: LISTEN
-                    inodes.add(f"socket:[{columns[9]}]")
-    found = []
-    for pid, _, _ in every_process():
-        with contextlib.suppress(OSError):
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
-                found.append(pid)
-    parents = {parent_of(pid) for pid in found}
-    if len(found) > 1 and len(parents) == 1 and (parent := parents.pop()) not in found and parent > 1:
-        found.insert(0, parent)
-    return found
 
 
 # ------------------------------------------------------------------------- servers

@@ -43,13 +43,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import orjson
 
@@ -58,12 +56,16 @@ from bench.common import (
     HOST,
     ROOT,
     SCALARS,
+    ApiClient,
     ServerProcess,
+    chart_body,
     create_credentials,
+    database_dsn,
     free_port,
     log,
     login,
     median,
+    recreate_database,
     resolve_dsn,
     worker_shape,
 )
@@ -170,26 +172,11 @@ def report_rows(company: str, workers: int, period: int, low_ms: int, high_ms: i
 # ------------------------------------------------------------------------- the database
 
 
-def database_dsn(cluster_dsn: str, name: str) -> str:
-    """`cluster_dsn` with its database replaced by `name`."""
-    parts = urllib.parse.urlsplit(cluster_dsn)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
-
-
 def migrations_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted((ROOT / "migrations").glob("*.sql")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-async def recreate_database(cluster_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(cluster_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
 
 
 async def database_exists(cluster_dsn: str, name: str) -> bool:
@@ -441,18 +428,6 @@ class Result:
         return bool(self.differences or self.rollups.error or (self.raw and self.raw.error))
 
 
-def chart_body(from_date: float, to_date: float, interval: int, items: list[tuple[str, str]], workers: list[str]) -> dict:
-    body = {
-        "from_date": from_date,
-        "to_date": to_date,
-        "interval": interval,
-        "items": [{"key": key, "aggregation": aggregation} for key, aggregation in items],
-    }
-    if workers:
-        body["worker_ids"] = workers
-    return body
-
-
 def charted_worker(workers: int) -> str:
     """The worker of the one-worker reads: the largest (most GPUs, then most cores)."""
     return worker_id(max(range(workers), key=lambda number: worker_shape(number)[::-1]))
@@ -479,25 +454,6 @@ def http_reads(history: History, to_date: float) -> list[Read]:
                  chart_body(to_date - 7 * DAY, to_date, 3600, cpu, []))
         )  # fmt: skip
     return reads
-
-
-class ApiClient:
-    """Bearer-authenticated JSON requests to one server over a kept-alive connection."""
-
-    def __init__(self, url: str, token: str, timeout: float):
-        self.url, self.headers = url, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
-
-    async def call(self, endpoint: str, body: dict) -> tuple[float, int, bytes]:
-        """Milliseconds until the whole answer arrived, its status and body."""
-        payload = orjson.dumps(body)
-        began = time.perf_counter()
-        async with self.session.post(f"{self.url}/{endpoint}", data=payload, headers=self.headers) as answer:
-            content = await answer.read()
-        return (time.perf_counter() - began) * 1000, answer.status, content
-
-    async def close(self) -> None:
-        await self.session.close()
 
 
 async def timed_runs(run_once, runs: int) -> Timing:
