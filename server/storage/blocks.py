@@ -1,0 +1,289 @@
+"""Blocks: the compacted form of statistics, built on the codec (storage/codec.py).
+
+A block is a header lane followed by data lanes, each lane a byte-aligned section. Two kinds:
+
+**Report blocks** hold one worker's status reports of one hour (table `report_blocks`):
+    header: times (µs since the epoch) | task run lengths | task run values (0: no task,
+            i: the block's tasks[i - 1]) | series metric ids | series variants (-1:
+            "total", i: "i") | the series lanes' sizes in bytes
+    a lane per series: the indices of the reports that carry it (empty: every report) |
+            its values
+
+**Rollup blocks** hold, for one company, metric and tier, every worker's buckets of a period
+(tables `rollup_1m`, `rollup_10m`, `rollup_1h`):
+    header: worker ids | variants per worker | the variants, worker after worker | the
+            lanes' sizes in bytes (the workers' lanes, then their variants')
+    a lane per worker: bucket indices | min | max | sum | count — over all the metric's
+            variants (what get_stats answers without split_by_variant)
+    a lane per worker and variant: the same for that variant alone
+The activity of the workers (who reported, and ran a task) is the pseudo-metric ACTIVITY:
+its sum is the number of reports that carried a task, its count the number of reports.
+
+Sums of decimal values are kept as exact integers at the values' scale (`Aggregates.scale`),
+so they stay exact however often buckets are combined.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .codec import LanesWriter, SectionReader, Sequences, ranks, ranks_within
+
+ACTIVITY = 0  # the metric id of the activity pseudo-metric
+TOTAL = -1  # the variant code of a scalar metric's value
+
+
+def variant_name(code: int) -> str:
+    return "total" if code == TOTAL else str(code)
+
+
+def variant_code(name: str) -> int:
+    return TOTAL if name == "total" else int(name)
+
+
+# --- report blocks -----------------------------------------------------------------------
+
+
+@dataclass
+class Reports:
+    """One worker's reports, in time order, as columns."""
+
+    times: np.ndarray  # int64 µs since the epoch
+    tasks: list  # per report: the task id or None
+    metrics: np.ndarray  # int64, per series
+    variants: np.ndarray  # int64, per series
+    values: list  # per series: float64 array (its reports' values)
+    present: list  # per series: int64 indices of the reports carrying it, or None (all)
+
+
+def _task_runs(tasks: list) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The distinct tasks, and the runs of equal tasks: (lengths, values: 0 none, i tasks[i-1])."""
+    names: dict[str, int] = {}
+    lengths, values = [], []
+    previous = object()
+    for task in tasks:
+        if task == previous:
+            lengths[-1] += 1
+            continue
+        previous = task
+        lengths.append(1)
+        values.append(0 if not task else names.setdefault(task, len(names) + 1))
+    return list(names), np.array(lengths, dtype=np.int64), np.array(values, dtype=np.int64)
+
+
+def encode_reports(blocks: list[Reports]) -> list[tuple[bytes, list[str]]]:
+    """Each worker-hour's block: (data, its distinct tasks)."""
+    series_counts = np.array([len(block.metrics) for block in blocks], dtype=np.int64)
+    # Lanes: every block's header, then its series.
+    lanes = len(blocks) + int(series_counts.sum())
+    header_lanes = np.cumsum(series_counts + 1) - series_counts - 1
+    series_lanes = np.setdiff1d(np.arange(lanes), header_lanes)
+    writer = LanesWriter(lanes)
+    runs = [_task_runs(block.tasks) for block in blocks]
+    header = lambda arrays: (np.concatenate(arrays), [len(a) for a in arrays])  # noqa: E731
+    for column in (
+        [block.times for block in blocks],
+        [lengths for _, lengths, _ in runs],
+        [values for _, _, values in runs],
+        [block.metrics for block in blocks],
+        [block.variants for block in blocks],
+    ):
+        values, counts = header(column)
+        writer.ints(values, counts, lanes=header_lanes)
+    presence = [p if p is not None else np.zeros(0, np.int64) for block in blocks for p in block.present]
+    writer.ints(*header(presence) if presence else (np.zeros(0, np.int64), []), lanes=series_lanes)
+    values = [v for block in blocks for v in block.values]
+    writer.floats(*header(values) if values else (np.zeros(0), []), lanes=series_lanes)
+    series_sizes = writer.lane_bytes()[series_lanes]
+    writer.ints(series_sizes, series_counts, lanes=header_lanes)
+    data, sizes = writer.to_bytes()
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    result = []
+    for index, block in enumerate(blocks):
+        first = header_lanes[index]
+        last = first + series_counts[index]
+        result.append((data[starts[first] : ends[last]], runs[index][0]))
+    return result
+
+
+def decode_reports(blocks: list[tuple[bytes, list[str]]]) -> list[Reports]:
+    """The reports of each block (data, tasks)."""
+    if not blocks:
+        return []
+    data = b"".join(block for block, _ in blocks)
+    sizes = np.array([len(block) for block, _ in blocks], dtype=np.int64)
+    reader = SectionReader(data, (np.cumsum(sizes) - sizes) * 8)
+    times, run_lengths, run_values, metrics, variants, lane_sizes = (reader.next() for _ in range(6))
+    series_counts = metrics.counts
+    headers_end = (reader.cursors + 7) // 8  # bytes
+    starts = np.repeat(headers_end, series_counts) + ranks_within(lane_sizes.integers, series_counts)
+    series = SectionReader(data, starts * 8)
+    presence = series.next()
+    values = series.next()
+    value_floats = values.floats()
+    result = []
+    lane = 0
+    for index, (_, tasks) in enumerate(blocks):
+        run_of = np.repeat(run_values.lane_values(index, as_float=False), run_lengths.lane_values(index, as_float=False))
+        names = [None, *tasks]
+        block_values, block_present = [], []
+        for _ in range(series_counts[index]):
+            block_values.append(value_floats[values.offsets[lane] : values.offsets[lane + 1]])
+            indices = presence.integers[presence.offsets[lane] : presence.offsets[lane + 1]]
+            block_present.append(indices if len(indices) else None)
+            lane += 1
+        result.append(
+            Reports(
+                times=times.lane_values(index, as_float=False),
+                tasks=[names[i] for i in run_of],
+                metrics=metrics.lane_values(index, as_float=False),
+                variants=variants.lane_values(index, as_float=False),
+                values=block_values,
+                present=block_present,
+            )
+        )
+    return result
+
+
+# --- rollup blocks -----------------------------------------------------------------------
+
+
+@dataclass
+class Aggregates:
+    """Rows of (worker, variant, bucket) aggregates of one metric, as columns, sorted by
+    worker, variant (COMBINED first) and bucket. `scale` >= 0: the sum is exact as
+    `exact_sum` / 10^scale; -1: only `sum` (float64) is."""
+
+    workers: np.ndarray
+    variants: np.ndarray  # COMBINED: over all variants
+    buckets: np.ndarray  # bucket index within the block
+    mins: np.ndarray
+    maxs: np.ndarray
+    sums: np.ndarray
+    exact_sums: np.ndarray
+    scales: np.ndarray
+    counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def take(self, index) -> "Aggregates":
+        return Aggregates(*(getattr(self, name)[index] for name in _AGGREGATE_FIELDS))
+
+
+_AGGREGATE_FIELDS = ("workers", "variants", "buckets", "mins", "maxs", "sums", "exact_sums", "scales", "counts")
+COMBINED = -2  # the variant code of a row over all variants
+
+
+def concatenate(parts: list[Aggregates]) -> Aggregates:
+    return Aggregates(*(np.concatenate([getattr(p, name) for p in parts]) for name in _AGGREGATE_FIELDS))
+
+
+def encode_rollup(rows: Aggregates) -> bytes:
+    """A rollup block of one metric from its rows (sorted by worker, variant, bucket)."""
+    workers = np.unique(rows.workers)
+    combined = rows.variants == COMBINED
+    variant_rows = rows.take(~combined)
+    pairs = np.unique(np.stack([variant_rows.workers, variant_rows.variants], axis=1), axis=0) if len(
+        variant_rows
+    ) else np.zeros((0, 2), dtype=np.int64)
+    per_worker = np.searchsorted(workers, pairs[:, 0]) if len(pairs) else np.zeros(0, np.int64)
+    variant_counts = np.bincount(per_worker, minlength=len(workers)).astype(np.int64)
+    lanes = 1 + len(workers) + len(pairs)
+    writer = LanesWriter(lanes)
+    header = np.array([0])
+    writer.ints(workers, [len(workers)], lanes=header)
+    writer.ints(variant_counts, [len(workers)], lanes=header)
+    writer.ints(pairs[:, 1] if len(pairs) else np.zeros(0, np.int64), [len(pairs)], lanes=header)
+    _write_aggregates(writer, rows.take(combined), np.arange(1, 1 + len(workers)), _lane_counts(rows.workers[combined], workers))
+    if len(pairs):
+        keys = variant_rows.workers * (1 << 20) + (variant_rows.variants + 2)
+        pair_keys = pairs[:, 0] * (1 << 20) + (pairs[:, 1] + 2)
+        _write_aggregates(writer, variant_rows, np.arange(1 + len(workers), lanes), _lane_counts(keys, pair_keys))
+    writer.ints(writer.lane_bytes()[1:], [lanes - 1], lanes=header)
+    data, _ = writer.to_bytes()
+    return data
+
+
+def _lane_counts(keys: np.ndarray, lane_keys: np.ndarray) -> np.ndarray:
+    """Rows per lane, for rows sorted by key and lanes with sorted keys."""
+    return np.searchsorted(keys, lane_keys, side="right") - np.searchsorted(keys, lane_keys, side="left")
+
+
+def _write_aggregates(writer: LanesWriter, rows: Aggregates, lanes: np.ndarray, counts: np.ndarray) -> None:
+    writer.ints(rows.buckets, counts, lanes=lanes)
+    writer.floats(rows.mins, counts, lanes=lanes)
+    writer.floats(rows.maxs, counts, lanes=lanes)
+    # Sums: exact integers at the lane's largest scale, or floats where a row has none.
+    lane_of = np.repeat(np.arange(len(lanes)), counts)
+    lane_scale = np.full(len(lanes), -1, dtype=np.int64)
+    if len(rows):
+        has = counts > 0
+        starts = (np.cumsum(counts) - counts)[has]
+        inexact = np.minimum.reduceat(rows.scales, starts) < 0
+        lane_scale[has] = np.where(inexact, -1, np.maximum.reduceat(rows.scales, starts))
+    row_scale = lane_scale[lane_of]
+    exact = row_scale >= 0
+    exact_lanes = lane_scale >= 0
+    sums = rows.exact_sums[exact] * 10 ** (row_scale[exact] - rows.scales[exact])
+    writer.decimals(sums, lane_scale[exact_lanes], counts[exact_lanes], lanes=lanes[exact_lanes])
+    writer.floats(rows.sums[~exact], counts[~exact_lanes], lanes=lanes[~exact_lanes])
+    writer.ints(rows.counts, counts, lanes=lanes)
+
+
+def decode_rollup(data: bytes, variants: bool = True, workers: np.ndarray | None = None) -> Aggregates:
+    """A rollup block's rows (sorted by worker, variant, bucket); without `variants`, only
+    the rows over all variants; with `workers`, only theirs."""
+    reader = SectionReader(data)
+    block_workers = reader.next().integers
+    variant_counts = reader.next().integers
+    variant_codes = reader.next().integers
+    lane_sizes = reader.next().integers
+    start = (int(reader.cursors[0]) + 7) // 8
+    lane_starts = start + np.cumsum(lane_sizes) - lane_sizes
+    chosen = np.arange(len(block_workers))
+    if workers is not None:
+        chosen = np.flatnonzero(np.isin(block_workers, workers))
+    parts = [_read_aggregates(data, lane_starts[chosen], block_workers[chosen], np.full(len(chosen), COMBINED))]
+    if variants and len(variant_codes):
+        first = len(block_workers) + np.cumsum(variant_counts) - variant_counts
+        lanes = np.concatenate([first[i] + np.arange(variant_counts[i]) for i in chosen]) if len(chosen) else first[:0]
+        owners = np.repeat(block_workers[chosen], variant_counts[chosen])
+        codes = variant_codes[lanes - len(block_workers)]
+        parts.append(_read_aggregates(data, lane_starts[lanes], owners, codes))
+        combined = concatenate(parts)
+        keys = np.lexsort((combined.buckets, combined.variants, combined.workers))
+        return combined.take(keys)
+    return parts[0]
+
+
+def _read_aggregates(data: bytes, starts: np.ndarray, workers: np.ndarray, variants: np.ndarray) -> Aggregates:
+    reader = SectionReader(data, starts * 8)
+    buckets = reader.next()
+    mins, maxs, sums, counts = reader.next(), reader.next(), reader.next(), reader.next()
+    per_lane = buckets.counts
+    scales = np.where((sums.kinds >> 4) == 3, -1, sums.kinds & 15)
+    return Aggregates(
+        workers=np.repeat(workers, per_lane),
+        variants=np.repeat(variants, per_lane),
+        buckets=buckets.integers,
+        mins=_filled(mins, per_lane),
+        maxs=_filled(maxs, per_lane),
+        sums=sums.floats(),
+        exact_sums=sums.integers,
+        scales=np.repeat(scales, per_lane),
+        counts=counts.integers,
+    )
+
+
+def _filled(sequences: Sequences, per_lane: np.ndarray) -> np.ndarray:
+    """A column's values; NaN for lanes that keep none (the activity's min and max)."""
+    if np.array_equal(sequences.counts, per_lane):
+        return sequences.floats()
+    result = np.full(int(per_lane.sum()), np.nan)
+    full = sequences.counts == per_lane
+    starts = np.cumsum(per_lane) - per_lane
+    index = np.repeat(starts[full], per_lane[full]) + ranks(per_lane[full])
+    result[index] = sequences.floats()
+    return result
