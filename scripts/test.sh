@@ -9,12 +9,14 @@ python="$("$root/scripts/setup-venv.sh" test | tail -n1)"
 
 # tests/test_compose.py checks the compose files with Debian's docker-compose (no engine needed);
 # tests/test_daemon_e2e.py runs Debian's nginx, unprivileged, as the routing proxy;
-# tests/test_fleet_page.py drives Debian's Chromium through its chromedriver.
+# tests/test_fleet_page.py drives Debian's Chromium through its chromedriver;
+# tests/test_import.py runs the ClearML export's jq program (docs/bulk-import.md).
 missing=""
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
+command -v jq >/dev/null 2>&1 || missing="$missing jq"
 if [ -n "$missing" ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -11,6 +11,7 @@
     python -m server companies set COMPANY [--workers N] [--metric-keys N] [--reports-per-second R] [--burst B]
     python -m server companies unset COMPANY [--workers] [--metric-keys] [--reports-per-second] [--burst]
     python -m server demo-fleet [--workers N] [--period S] [--url URL] [--credentials FILE]
+    python -m server import FILE
     python -m server openapi
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
-from . import auth, background, demo, openapi, serving
+from . import auth, background, demo, importer, openapi, serving
 from .app import create_app
 from .config import Settings
 from .limits import company_limits
@@ -334,6 +335,7 @@ def _parser() -> argparse.ArgumentParser:
         unset_limits.add_argument(flag, action="store_true")
     unset_limits.set_defaults(action=unset_company_limits)
     demo.add_command(commands)
+    importer.add_command(commands)
     commands.add_parser(
         "openapi", help="print the API description (OpenAPI 3.1, JSON), as served at /openapi.json"
     ).set_defaults(action=print_api_document)
