@@ -10,11 +10,11 @@ it keeps a database of its own (--database, default `workers_bench_reads`: keep 
 history in another one), and in it:
 
 1. a fleet's history, ending now: one agent-shaped report per worker every --period
-   seconds for --days days (workers of 4, 8 or 16 cores and 0 to 4 GPUs, values that vary
-   over time, running a task in some half hours, idle or offline in others), copied
-   straight into `worker_stats` (COPY) in a company of its own. A history loaded before
-   with the same options and migrations, ending less than --days ago, is reused and topped
-   up to now; else (or with --reload) the database is dropped and loaded afresh;
+   seconds for --days days (bench/history.py: workers of 4 to 64 cores and 0 to 8 GPUs,
+   running tasks for minutes to hours, idle in between), in a company of its own, stored
+   with `python -m server import`. A history loaded before with the same options,
+   migrations and generator, ending less than --days ago, is reused and topped up to now;
+   else (or with --reload) the database is dropped and loaded afresh;
 2. brings the rollups up to date with `python -m server rollups refresh --since START`
    (START: the history's start, or the end of the reused one), VACUUM ANALYZE (what
    autovacuum does to settled data), then tops the history up to now once more and
@@ -51,11 +51,10 @@ from pathlib import Path
 import asyncpg
 import orjson
 
+from bench import history as fleet_history
 from bench.common import (
-    GPU_KEYS,
     HOST,
     ROOT,
-    SCALARS,
     ApiClient,
     ServerProcess,
     chart_body,
@@ -67,13 +66,12 @@ from bench.common import (
     median,
     recreate_database,
     resolve_dsn,
-    worker_shape,
 )
+from bench.history import worker_id
 
 DEFAULT_DATABASE = "workers_bench_reads"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 DAY = 86400
-TASK_BLOCK = 1800  # a worker is busy, idle or offline for whole half hours
 SLOW_RUN_SECONDS = 2.0  # a read slower than this once is not run again
 AVG_TOLERANCE = 1e-9  # relative; min, max and counts must be equal
 RAW_READ_TIMEOUT = 900  # seconds: the raw-only server's read timeout, and the client's
@@ -82,99 +80,14 @@ RAW_READ_TIMEOUT = 900  # seconds: the raw-only server's read timeout, and the c
 GRAFANA_INTERVAL = 60
 HYPERTABLES = ("worker_stats", "stats_1m", "stats_10m", "stats_1h", "activity_1m", "activity_10m", "activity_1h")
 
-# ------------------------------------------------------------------------- the fleet's history
-
-
-def worker_id(number: int) -> str:
-    return f"bench-{number}"
-
-
-def _mix(*numbers: int) -> int:
-    """A cheap deterministic hash of small integers."""
-    value = 0
-    for number in numbers:
-        value = (value * 1_000_003 + number * 2_654_435_761) % 4_294_967_291
-    return value
-
-
-def block_state(number: int, block: int) -> str:
-    """What worker `number` does in half hour `block`: "busy" (a task), "idle" or "offline"."""
-    roll = _mix(number, block) % 100
-    return "offline" if roll < 4 else "busy" if roll < 64 else "idle"
-
-
-def report_metrics(number: int, step: int, busy: bool) -> dict:
-    """The stored metrics `{metric: {variant: value}}` of worker `number`'s report `step`,
-    with the precision an agent's values have (psutil percentages to 0.1, memory in MiB
-    of 4 KiB pages, rates to 1e-6)."""
-    cores, gpus = worker_shape(number)
-    base = 60 if busy else 2
-    wave = _mix(number, step)
-    metrics = {
-        "cpu_usage": {str(core): (base * 10 + (wave >> core) % 400) / 10 for core in range(cores)},
-        "cpu_temperature": {"0": float(40 + base // 3 + wave % 15)},
-    }
-    total_pages = 1_048_576 * cores  # 4 GiB per core
-    used_pages = total_pages // (2 if busy else 8) + wave % 262_144
-    scalars = {
-        "memory_used": used_pages / 256,
-        "memory_free": (total_pages - used_pages) / 256,
-        "disk_free_home": 400_000 + (wave % 100_000) / 256,
-        "disk_read": (wave >> 1) % 50_000_000 / 1e6,
-        "disk_write": (wave >> 2) % 20_000_000 / 1e6,
-        "network_tx": (wave >> 3) % 30_000_000 / 1e6,
-        "network_rx": (wave >> 4) % 90_000_000 / 1e6,
-    }
-    for key in SCALARS:
-        metrics[key] = {"total": scalars[key]}
-    if gpus:
-        gpu_values = {
-            "gpu_usage": lambda gpu: float((base + (wave >> gpu) % 40) if busy else 0),
-            "gpu_temperature": lambda gpu: float(35 + base // 2 + (wave >> gpu) % 10),
-            "gpu_memory_used": lambda gpu: float((20_000 if busy else 500) + (wave >> gpu) % 4096),
-            "gpu_memory_free": lambda gpu: float((4_000 if busy else 23_500) - (wave >> gpu) % 4096),
-        }
-        for key in GPU_KEYS:
-            metrics[key] = {str(gpu): gpu_values[key](gpu) for gpu in range(gpus)}
-    return metrics
-
-
-def metric_keys(number: int) -> list[str]:
-    return list(report_metrics(number, 0, False))
-
-
-def report_rows(company: str, workers: int, period: int, low_ms: int, high_ms: int) -> Iterator[tuple]:
-    """Every report of the fleet in [low_ms, high_ms), in time order: worker n reports at
-    k * period + its own offset within the period, so any two ranges join without gap or
-    overlap. Rows: (time, company, worker, task, metrics as JSON text)."""
-    period_ms = period * 1000
-    offsets = [number * period_ms // workers for number in range(workers)]
-    ids = [worker_id(number) for number in range(workers)]
-    for step in range(low_ms // period_ms - 1, high_ms // period_ms + 1):
-        for number, offset in enumerate(offsets):
-            moment_ms = step * period_ms + offset
-            if not low_ms <= moment_ms < high_ms:
-                continue
-            block = moment_ms // (TASK_BLOCK * 1000)
-            state = block_state(number, block)
-            if state == "offline":
-                continue
-            busy = state == "busy"
-            yield (
-                EPOCH + timedelta(milliseconds=moment_ms),
-                company,
-                ids[number],
-                f"task-{number}-{block}" if busy else None,
-                orjson.dumps(report_metrics(number, step, busy)).decode(),
-            )
-
-
 # ------------------------------------------------------------------------- the database
 
 
 def migrations_digest() -> str:
+    """Of the migrations, and of the code that generates the history."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "migrations").glob("*.sql")):
+    generator = [ROOT / "bench" / "history.py", ROOT / "server" / "demo.py"]
+    for path in [*sorted((ROOT / "migrations").glob("*.sql")), *generator]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -242,35 +155,17 @@ async def save_history(conn: asyncpg.Connection, history: History) -> None:
         )  # fmt: skip
 
 
-async def copy_reports(conn: asyncpg.Connection, history: History, low: float, high: float) -> int:
-    """Copy the fleet's reports in [low, high) into worker_stats, an hour per COPY; the rows copied."""
-    copied = 0
-    low_ms, high_ms = int(low * 1000), int(high * 1000)
-    last_log = time.monotonic()
-    for chunk_low in range(low_ms, high_ms, 3_600_000):
-        # A generator: PostgreSQL stores rows while the next ones are made.
-        rows = report_rows(history.company, history.workers, history.period, chunk_low, min(chunk_low + 3_600_000, high_ms))
-        status = await conn.copy_records_to_table(
-            "worker_stats", records=rows, columns=("time", "company", "worker", "task", "metrics")
-        )
-        copied += int(status.split()[-1])  # "COPY n"
-        if time.monotonic() - last_log > 15:
-            last_log = time.monotonic()
-            log(f"  {copied:,} reports copied, up to {EPOCH + timedelta(milliseconds=chunk_low + 3_600_000):%Y-%m-%d %H:%M}")
-    return copied
-
-
-async def record_metric_keys(conn: asyncpg.Connection, history: History) -> None:
-    last_reported = EPOCH + timedelta(seconds=history.end)
-    await conn.copy_records_to_table(
-        "worker_metric_keys",
-        records=[
-            (history.company, worker_id(number), metric, last_reported)
-            for number in range(history.workers)
-            for metric in metric_keys(number)
-        ],
-        columns=("company", "worker", "metric", "last_reported"),
-    )
+def import_reports(dsn: str, history: History, low: float, high: float) -> int:
+    """The fleet's reports in [low, high), generated by bench/history.py and stored by
+    `python -m server import`; how many were stored."""
+    with tempfile.NamedTemporaryFile(prefix="workers-bench-reads-", suffix=".ndjson") as out:
+        reports = fleet_history.history(history.workers, low, high, history.period)
+        generated = fleet_history.write(out, history.company, reports)
+        out.flush()
+        log(f"  {generated:,} reports generated; storing them with python -m server import")
+        summary = run_server_command(dsn, "import", out.name)
+    stored = re.match(r"([\d,]+) reports stored", summary)
+    return int(stored[1].replace(",", "")) if stored else 0
 
 
 def new_company(dsn: str, name: str) -> str:
@@ -307,7 +202,8 @@ def prepare_history(cluster_dsn: str, dsn: str, args: argparse.Namespace) -> tup
     start = now - args.days * DAY
     history = History(new_company(dsn, name), name, args.workers, args.period, args.days, migrations_digest(), start, start)
     asyncio.run(top_up(dsn, history, now))
-    note = f"loaded in {history.load_seconds:,.1f} s ({history.rows / history.load_seconds:,.0f} reports/s, COPY)"
+    note = (f"generated and imported in {history.load_seconds:,.1f} s ({history.rows / history.load_seconds:,.0f} "
+            f"reports/s, python -m server import)")  # fmt: skip
     return history, start, note
 
 
@@ -322,20 +218,18 @@ async def _saved_history(cluster_dsn: str, database: str, dsn: str) -> History |
 
 
 async def top_up(dsn: str, history: History, until: float) -> int:
-    """Copy the reports from the history's end to `until`, and record the new end."""
+    """Import the reports from the history's end to `until`, and record the new end."""
+    began = time.monotonic()
+    stored = import_reports(dsn, history, history.end, until)
+    history.end = until
+    history.rows += stored
+    history.load_seconds += time.monotonic() - began
     conn = await asyncpg.connect(dsn)
     try:
-        began = time.monotonic()
-        copied = await copy_reports(conn, history, history.end, until)
-        if history.rows == 0:
-            await record_metric_keys(conn, history)
-        history.end = until
-        history.rows += copied
-        history.load_seconds += time.monotonic() - began
         await save_history(conn, history)
-        return copied
     finally:
         await conn.close()
+    return stored
 
 
 def refresh_rollups(dsn: str, since: float) -> float:
@@ -346,10 +240,10 @@ def refresh_rollups(dsn: str, since: float) -> float:
 
 
 def catch_up(dsn: str, history: History) -> None:
-    """Top the history up to now and refresh what was added. Copied rows bypass the writer,
-    which logs reports stored behind the watermark: the refresh since the top-up's start
-    stands in for it. The rollups then end about a minute (the refresh's lag) before the
-    history, as in service."""
+    """Top the history up to now and refresh what was added (the import logs reports behind
+    the watermark as late reports; the refresh since the top-up's start covers them either
+    way). The rollups then end about a minute (the refresh's lag) before the history, as in
+    service."""
     added_since = history.end
     asyncio.run(top_up(dsn, history, time.time()))
     refresh_rollups(dsn, added_since)
@@ -430,7 +324,7 @@ class Result:
 
 def charted_worker(workers: int) -> str:
     """The worker of the one-worker reads: the largest (most GPUs, then most cores)."""
-    return worker_id(max(range(workers), key=lambda number: worker_shape(number)[::-1]))
+    return max(fleet_history.machines(workers), key=lambda machine: (machine.gpus, machine.cores)).worker
 
 
 def http_reads(history: History, to_date: float) -> list[Read]:
