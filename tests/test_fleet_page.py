@@ -426,8 +426,8 @@ def test_hostile_worker_data_shows_as_text(browser, fleet):
     assert cells[1:5] == [HOSTILE_ID, HOSTILE_TAG, HOSTILE_QUEUE, HOSTILE_TASK]
 
     select_only(browser, HOSTILE_ID)
-    keys = {"cpu_usage (%)", "memory_used (MB)", "memory_free (MB)", "network_rx (MB/s)", "network_tx (MB/s)",
-            "disk_free_home", HOSTILE_METRIC, *SENSORS}
+    keys = {"cpu_usage (%)", "cpu_temperature (°C)", "memory_used (MB)", "memory_free (MB)", "disk_free_home",
+            "disk_read (MB/s)", "disk_write (MB/s)", "network_rx (MB/s)", "network_tx (MB/s)", HOSTILE_METRIC, *SENSORS}
     assert len(keys) * 3 > 64
     wait(browser, lambda: set(figures(browser, "metric-charts")) == keys, "a chart for every metric key of the worker")
     assert browser.find_element(By.ID, "metrics-note").text == "1 charted: min, average and max"
