@@ -154,6 +154,26 @@ def children_of(pid: int) -> list[int]:
     ]
 
 
+def listed_children(pid: int) -> list[int]:
+    """A process's children as the kernel lists them (/proc/PID/task/TID/children): cheaper
+    than children_of, which reads every process; children_of where the kernel lists none."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                found.extend(int(child) for child in children.read().split())
+        except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN, or the thread ended
+            if not os.path.exists(f"/proc/{pid}/task/{task}/children"):
+                return children_of(pid)
+        except OSError:
+            pass
+    return found
+
+
 def parent_of(pid: int) -> int:
     """A process's parent (0: it is gone)."""
     found = stat_fields(pid)
