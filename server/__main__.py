@@ -170,13 +170,16 @@ async def refresh_rollups(settings: Settings, args) -> int:
             await rollups.invalidate_since(conn, args.since)
     finally:
         await conn.close()
-    steps = await background.refresh_rollups(settings.db_dsn, settings)
-    if steps is None:
+    done = await background.refresh_rollups(settings.db_dsn, settings)
+    if done is None:
         print("another process is refreshing the rollups; try again", file=sys.stderr)
         return 1
+    steps, compacted = done
     watermark = datetime.fromtimestamp(steps[-1].new_watermark, timezone.utc).isoformat()
     rebuilt = sum(step.regions for step in steps)
-    print(f"rollups up to date to {watermark} ({len(steps)} step(s), {rebuilt} region(s) rebuilt)")
+    print(f"rollups up to date to {watermark} ({len(steps)} step(s), {rebuilt} region(s) rebuilt); "
+          f"compacted {compacted.hours} hour(s) of reports, {compacted.late} late report(s), "
+          f"{compacted.merged} rollup period(s)")  # fmt: skip
     return 0
 
 

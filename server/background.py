@@ -4,10 +4,10 @@ refresh of the rollups, and re-reading the companies' limits.
 Every server process runs the sweep, retention and the limits' refresh (server/limits.py).
 The sweep is one idempotent DELETE, so concurrent sweeps are harmless; retention takes an
 advisory lock so that one process (or host) at a time drops chunks, and the others skip
-that round. The rollups' refresh runs in a
-process of its own (`refresh_rollups_forever`, started by `python -m server serve` at a
-lower CPU priority): rolling up is CPU work that can wait while the server is busy taking
-reports (reads stay exact meanwhile), and it takes an advisory lock too.
+that round. The rollups' refresh and compaction run in a process of its own
+(`refresh_rollups_forever`, started by `python -m server serve` at a lower CPU priority):
+rolling up and packing are CPU work that can wait while the server is busy taking reports
+(reads stay exact meanwhile), and they take an advisory lock too.
 """
 
 import asyncio
@@ -21,7 +21,9 @@ import asyncpg
 from .config import Settings
 from .limits import Limits
 from .metrics import Metrics
-from .storage import registrations, rollups, statistics
+from .storage import compaction, registrations, rollups, statistics
+from .storage.compaction import CompactionResult
+from .storage.refresh import Refresher, RefreshResult
 from .storage.db import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -52,29 +54,42 @@ async def apply_retention(pool: asyncpg.Pool, retention: rollups.Retention) -> i
     return dropped
 
 
-async def refresh_rollups(dsn: str, settings: Settings) -> list[rollups.RefreshResult] | None:
-    """Bring the rollups up to date, on a connection of its own: no statement timeout (a
-    refresh after a long outage or a bulk import may take minutes), no JIT (it costs more
-    than it saves on these statements)."""
+async def refresh_rollups(
+    dsn: str, settings: Settings, refresher: Refresher | None = None
+) -> tuple[list[RefreshResult], CompactionResult] | None:
+    """Bring the rollups up to date and compact what can be, on a connection of its own: no
+    statement timeout (after a long outage or a bulk import this may take minutes), no JIT
+    (it costs more than it saves on these statements). None when another process or host
+    holds the refresh lock. A `refresher` kept between calls remembers the open buckets."""
+    refresher = refresher or Refresher(settings.retention, lag=settings.rollup_lag_seconds)
     conn = await asyncpg.connect(dsn, server_settings={"jit": "off"})
     try:
-        steps = await rollups.refresh(conn, settings.retention, lag=settings.rollup_lag_seconds)
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", rollups.REFRESH_LOCK):
+            return None
+        try:
+            steps = await refresher.refresh(conn)
+            compacted = await compaction.compact(conn)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", rollups.REFRESH_LOCK)
     finally:
         await conn.close()
-    for step in steps or ():
+    for step in steps:
         if step.invalidations or step.new_watermark - step.old_watermark > 600:
             watermark = datetime.fromtimestamp(step.new_watermark, timezone.utc).isoformat()
             log.info("rollups refreshed to %s: %d invalidations, %d regions", watermark, step.invalidations, step.regions)
-    return steps
+    if compacted.hours or compacted.late:
+        log.info("compacted %d hours of reports and %d late reports", compacted.hours, compacted.late)
+    return steps, compacted
 
 
 async def refresh_rollups_forever(settings: Settings) -> None:
     """The rollup refresher process that `serve` starts beside its server processes: a
-    refresh every WORKERS_ROLLUP_REFRESH_SECONDS until its parent is gone."""
+    refresh and compaction every WORKERS_ROLLUP_REFRESH_SECONDS until its parent is gone."""
     parent = os.getppid()
+    refresher = Refresher(settings.retention, lag=settings.rollup_lag_seconds)
     await _every(
         settings.rollup_refresh_seconds,
-        lambda: refresh_rollups(settings.db_dsn, settings),
+        lambda: refresh_rollups(settings.db_dsn, settings, refresher),
         "rollup refresh",
         while_=lambda: os.getppid() == parent,
     )

@@ -24,8 +24,9 @@ from server.storage import credentials, db, tenants
 
 TIMESCALEDB_IMAGE = "timescale/timescaledb:2.19.3-pg17"
 TABLES = (
-    "worker_registrations, worker_stats, worker_metric_keys, credentials, users, companies, rollup_invalidations, "
-    "stats_1m, stats_10m, stats_1h, activity_1m, activity_10m, activity_1h"
+    "worker_registrations, worker_metric_keys, credentials, users, companies, rollup_invalidations, "
+    "stat_workers, stat_metrics, report_layouts, recent_reports, late_reports, report_blocks, "
+    "rollup_1m, rollup_10m, rollup_1h"
 )
 
 # Settings the tests run the server with unless a test says otherwise: charts without the

@@ -158,3 +158,46 @@ async def set_database_open(dsn: str, open_: bool, *, keep_pid: int | None = Non
             )
     finally:
         await admin.close()
+
+
+async def store_reports(conn, company: str, reports: list[tuple]) -> None:
+    """Reports (epoch seconds, worker, task, {metric: {variant: value}}) stored as the writer
+    would store them, but without it (no registration, no invalidation log): as a restore or
+    a bulk load straight into the tables would."""
+    from server.storage.ids import Ids, layout_key
+
+    ids = Ids()
+    await ids.make(conn, {(company, worker) for _, worker, _, _ in reports},
+                   {(company, layout_key(metrics)) for _, _, _, metrics in reports})
+    compacted = await conn.fetchval("SELECT extract(epoch FROM compacted)::float8 FROM rollup_watermark")
+    rows = [
+        (moment, ids.worker(company, worker), ids.layout(company, layout_key(metrics)), task,
+         [value for variants in metrics.values() for value in variants.values()])
+        for moment, worker, task, metrics in reports
+    ]
+    for table, chosen in (("recent_reports", [r for r in rows if r[0] >= compacted]),
+                          ("late_reports", [r for r in rows if r[0] < compacted])):
+        if chosen:
+            await conn.executemany(
+                f"INSERT INTO {table} (time, worker, layout, task, values) VALUES (to_timestamp($1), $2, $3, $4, $5)",
+                chosen,
+            )
+
+
+async def refresh_rollups(dsn: str, retention=None, lag: float = 0):
+    """What `python -m server rollups refresh` does (the rollups up to date, then compaction),
+    with the tiers kept as long as `retention` says (default: all); waits while another
+    refresh holds the lock."""
+    import asyncio
+
+    from server import background
+    from server.config import Settings
+
+    days = {"raw_retention_days": 100_000, **{f"rollup_{tier}_retention_days": 100_000 for tier in ("1m", "10m", "1h")}}
+    if retention is not None:
+        days = {"raw_retention_days": retention.raw_days,
+                **{f"rollup_{name}_retention_days": value for name, value in retention.tier_days.items()}}
+    settings = Settings(db_dsn=dsn, rollup_lag_seconds=lag, **days)
+    while (done := await background.refresh_rollups(dsn, settings)) is None:
+        await asyncio.sleep(0.05)
+    return done

@@ -108,19 +108,20 @@ def test_rollup_blocks_round_trip():
             exact = rng.random() < 0.7
             mins = np.round(rng.normal(40, 10, n), 3) if exact else rng.normal(40, 10, n)
             rows.append(blocks.Aggregates(
-                workers=np.full(n, worker), variants=np.full(n, variant), buckets=buckets,
+                metrics=np.full(n, 5), workers=np.full(n, worker), variants=np.full(n, variant), buckets=buckets,
                 mins=mins, maxs=mins + 1.5,
                 sums=np.round(mins * 6, 3), exact_sums=np.round(mins * 6000).astype(np.int64),
                 scales=np.full(n, 3 if exact else -1), counts=rng.integers(1, 12, n),
             ))
     original = blocks.concatenate(rows)
-    data = blocks.encode_rollup(original)
-    found = blocks.decode_rollup(data)
-    for name in ("workers", "variants", "buckets", "counts"):
+    block = blocks.encode_rollup(original)
+    assert list(block.workers) == [4, 9, 17] and block.offsets[0] == 0
+    found = blocks.decode_rollup(block, 5)
+    for name in ("metrics", "workers", "variants", "buckets", "counts"):
         assert np.array_equal(getattr(found, name), getattr(original, name)), name
     assert same(found.mins, original.mins) and same(found.maxs, original.maxs)
     exact = original.scales >= 0
     assert same(found.exact_sums[exact] / 10.0 ** found.scales[exact], original.exact_sums[exact] / 1000)
     assert same(found.sums[~exact], original.sums[~exact])
-    only = blocks.decode_rollup(data, variants=False, workers=np.array([9, 17]))
+    only = blocks.decode_rollup(block, 5, variants=False, workers=np.array([9, 17]))
     assert set(only.workers) == {9, 17} and set(only.variants) == {blocks.COMBINED}

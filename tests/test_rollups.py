@@ -12,7 +12,7 @@ import time
 
 import asyncpg
 from conftest import ROOT
-from helpers import call, ok
+from helpers import call, ok, refresh_rollups, store_reports
 
 from server import background
 from server.keys import POOL
@@ -23,7 +23,7 @@ from server.storage.rollups import Invalidation, Retention
 BASE = 1_699_999_200  # a multiple of 3600
 DAY = 86400
 KEEP_ALL = Retention(raw_days=100_000, tier_days={"1m": 100_000, "10m": 100_000, "1h": 100_000})
-TIER_TABLES = ("stats_1m", "stats_10m", "stats_1h", "activity_1m", "activity_10m", "activity_1h")
+TIER_TABLES = ("rollup_1m", "rollup_10m", "rollup_1h")
 
 
 def command_env(dsn: str) -> dict[str, str]:
@@ -33,12 +33,8 @@ def command_env(dsn: str) -> dict[str, str]:
     return {"WORKERS_DB_DSN": dsn, "PATH": "/usr/bin:/bin", **keep}
 
 
-async def refresh(dsn: str, retention: Retention = KEEP_ALL, lag: float = 0) -> list:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await rollups.refresh(conn, retention, lag=lag)
-    finally:
-        await conn.close()
+async def refresh(dsn: str, retention: Retention = KEEP_ALL, lag: float = 0):
+    return await refresh_rollups(dsn, retention, lag)
 
 
 def fleet_reports(seconds: int, workers: int = 4, period: float = 7.3, start: float = BASE, seed: int = 1):
@@ -86,8 +82,11 @@ def assert_same_answer(served, raw) -> None:
 
 
 async def clients(make_client):
-    """A client reading rollups and one reading raw reports only, of the same company."""
-    return await make_client(), await make_client(read_from_rollups=False)
+    """A client reading rollups and one reading raw reports only, of the same company. The
+    first may read raw reports for longer than by default, so that a chart split by variant
+    at a multiple of 60 s that no tier with variants divides (the 1-minute tier has none)
+    keeps its interval: the two answers then compare bucket by bucket."""
+    return await make_client(raw_read_budget_worker_hours=10_000), await make_client(read_from_rollups=False)
 
 
 async def compare_charts(served_client, raw_client, from_date, to_date, interval, **fields) -> dict:
@@ -211,18 +210,22 @@ async def test_rollup_served_charts_equal_raw_ones(make_client, dsn, db_conn):
 async def test_charts_read_the_rollups(make_client, dsn, db_conn):
     """A change made to a tier directly shows in the answer: the tier served it."""
     client = await make_client()
-    await send(client, fleet_reports(3600, workers=1))
+    await send(client, fleet_reports(3600, workers=2))
     await refresh(dsn)
     body = {"from_date": BASE, "to_date": BASE + 3600, "interval": 3600, "items": [{"key": "memory_used", "aggregation": "max"}]}
-    before = (await ok(client, "workers.get_stats", body))["workers"][0]["metrics"][0]["stats"][0]["values"]
-    await db_conn.execute("UPDATE stats_1h SET max = -1 WHERE metric = 'memory_used'")
-    after = (await ok(client, "workers.get_stats", body))["workers"][0]["metrics"][0]["stats"][0]["values"]
-    assert before != [-1] and after == [-1]
+    before = await ok(client, "workers.get_stats", body)
+    assert [w["worker"] for w in before["workers"]] == ["w0", "w1"]
+    # One worker's lanes taken out of the hourly block of memory_used: only the other is charted.
+    await db_conn.execute(
+        """UPDATE rollup_1h SET workers = workers[2:], offsets = offsets[2:]
+           WHERE metric = (SELECT id FROM stat_metrics WHERE name = 'memory_used')"""
+    )
+    after = await ok(client, "workers.get_stats", body)
+    assert [w["worker"] for w in after["workers"]] == ["w1"] and after["workers"][0] == before["workers"][1]
     activity = {"from_date": BASE, "to_date": BASE + 3600, "interval": 3600}
-    await db_conn.execute("UPDATE activity_1h SET worker = 'renamed'")
-    await db_conn.execute("INSERT INTO activity_1h SELECT time, company, 'another', 1, true FROM activity_1h")
-    data = await ok(client, "workers.get_activity_report", activity)
-    assert data["total"]["counts"] == [2] and data["active"]["counts"] == [1]
+    assert (await ok(client, "workers.get_activity_report", activity))["total"]["counts"] == [2]
+    await db_conn.execute("UPDATE rollup_1h SET workers = workers[2:], offsets = offsets[2:] WHERE metric = 0")
+    assert (await ok(client, "workers.get_activity_report", activity))["total"]["counts"] == [1]
 
 
 async def test_a_late_report_is_exact_at_once_and_rolled_up_by_the_next_refresh(make_client, dsn, db_conn):
@@ -236,7 +239,7 @@ async def test_a_late_report_is_exact_at_once_and_rolled_up_by_the_next_refresh(
     assert values(served, "w0", "memory_used", "max") == [10**9, values(served, "w0", "memory_used", "max")[1]]
     await refresh(dsn)
     assert await db_conn.fetchval("SELECT count(*) FROM rollup_invalidations") == 0
-    assert await db_conn.fetchval("SELECT max(max) FROM stats_1h WHERE metric = 'memory_used'") == 10**9
+    assert await db_conn.fetchval("SELECT max(max) FROM worker_metric_rollup_1h WHERE metric = 'memory_used'") == 10**9
     await compare_charts(served_client, raw_client, BASE, BASE + 2 * 3600, 3600)
     await compare_charts(served_client, raw_client, BASE + 30, BASE + 2 * 3600, 60)
 
@@ -261,9 +264,9 @@ async def test_refresh_up_to_now_with_reports_arriving_in_several_processes_at_o
     await compare_charts(served_client, raw_client, start - 60, latest, 60)
     await compare_charts(served_client, raw_client, start - 600, latest + 600, 600)
     # Read whole from the tiers: equal to a rollup of the raw reports.
-    from_tier = await db_conn.fetch("SELECT time, worker, metric, min, max, count FROM stats_1m ORDER BY 1, 2, 3")
+    from_tier = await db_conn.fetch("SELECT time, worker, metric, min, max, count FROM worker_metric_rollup_1m ORDER BY 1, 2, 3")
     from_raw = await db_conn.fetch(
-        """SELECT time_bucket('1 minute', time) AS time, worker, metric, min(value), max(value), count(*)::integer
+        """SELECT time_bucket('1 minute', time) AS time, worker, metric, min(value), max(value), count(*)
            FROM worker_stat_points WHERE time < (SELECT watermark FROM rollup_watermark)
            GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
     )
@@ -271,13 +274,12 @@ async def test_refresh_up_to_now_with_reports_arriving_in_several_processes_at_o
 
 
 async def test_refresh_command_since_rebuilds_a_bulk_import(make_client, dsn, db_conn):
+    """Reports stored without the writer (so not in the invalidation log), as a restore
+    would: `--since` rolls them up."""
     client = await make_client()
-    await db_conn.execute(
-        """INSERT INTO worker_stats (time, company, worker, task, metrics)
-           SELECT to_timestamp($1 + n * 10), $2, 'imported', NULL, jsonb_build_object('cpu_usage', jsonb_build_object('0', n))
-           FROM generate_series(0, 359) AS n""",
-        BASE, client.credentials.company_id,
-    )
+    await store_reports(db_conn, client.credentials.company_id, [
+        (BASE + n * 10, "imported", None, {"cpu_usage": {"0": float(n)}}) for n in range(360)
+    ])
     body = {"from_date": BASE, "to_date": BASE + 3600, "interval": 3600, "items": [{"key": "cpu_usage", "aggregation": "max"}]}
     assert (await ok(client, "workers.get_stats", body))["workers"] == []  # behind the watermark, never invalidated
     done = subprocess.run(
@@ -304,6 +306,18 @@ async def test_interval_is_raised_to_a_tier_past_the_raw_retention(make_client, 
     assert all(value > 0 for value in entry["stats"][0]["values"])
 
 
+async def test_a_chart_split_by_variant_is_raised_to_a_tier_with_variants(make_client):
+    """The 1-minute tier keeps no variants: a split chart at 120 s beyond the raw read budget
+    is answered at 600 s, from the 10-minute tier; without the split, at 120 s."""
+    client = await make_client(raw_read_budget_worker_hours=1)
+    await ok(client, "workers.status_report", {"worker": "w1", "timestamp": BASE + 1, "machine_stats": {"cpu_usage": [1, 2]}})
+    for split, spacing in ((True, 600_000), (False, 120_000)):
+        body = {"from_date": BASE, "to_date": BASE + 7200, "interval": 120, "split_by_variant": split,
+                "items": [{"key": "cpu_usage"}]}
+        entry = (await ok(client, "workers.get_stats", body))["workers"][0]["metrics"][0]
+        assert entry["dates"][1] - entry["dates"][0] == spacing
+
+
 async def test_interval_is_raised_beyond_the_raw_read_budget(make_client):
     client = await make_client(raw_read_budget_worker_hours=1)
     await ok(client, "workers.status_report", {"worker": "w1", "timestamp": BASE + 1, "machine_stats": {"memory_used": 1}})
@@ -319,13 +333,9 @@ async def test_interval_is_raised_beyond_the_raw_read_budget(make_client):
 
 async def test_a_read_past_the_read_timeout_is_a_clear_400(make_client, db_conn):
     client = await make_client(read_from_rollups=False, read_timeout_seconds=0.1)
-    await db_conn.execute(
-        """INSERT INTO worker_stats (time, company, worker, task, metrics)
-           SELECT to_timestamp($1 + n * 0.01), $2, 'w' || (n % 50), NULL,
-                  jsonb_build_object('cpu_usage', jsonb_build_object('0', n, '1', n, '2', n, '3', n))
-           FROM generate_series(0, 200000) AS n""",
-        BASE, client.credentials.company_id,
-    )
+    await store_reports(db_conn, client.credentials.company_id, [
+        (BASE + n * 0.01, f"w{n % 50}", None, {"cpu_usage": {str(i): float(n) for i in range(4)}}) for n in range(200_000)
+    ])
     body = {"from_date": BASE, "to_date": BASE + 2001, "interval": 60, "items": [{"key": "cpu_usage"}]}
     code, subcode, message, _ = await call(client, "workers.get_stats", body)
     assert (code, subcode) == (400, 16)
@@ -341,15 +351,15 @@ async def test_each_tier_keeps_its_own_retention(client, dsn, db_conn):
     retention = Retention(raw_days=10, tier_days={"1m": 30, "10m": 90, "1h": 400})
     await background.apply_retention(client.app[POOL], retention)
     kept = {
-        table: sorted(round(row[0]) for row in await db_conn.fetch(f"SELECT max FROM {table}"))
-        for table in ("stats_1m", "stats_10m", "stats_1h")
+        tier: sorted(round(row[0]) for row in await db_conn.fetch(f"SELECT max FROM worker_metric_rollup_{tier}"))
+        for tier in ("1m", "10m", "1h")
     }
     raw = sorted(row[0] for row in await db_conn.fetch("SELECT value FROM worker_stat_points"))
     # Whole chunks are dropped: a tier keeps at least its retention, at most one chunk more.
     assert raw == [5]
-    assert kept["stats_1m"] == [5, 20]
-    assert kept["stats_10m"] == [5, 20, 60]
-    assert kept["stats_1h"] == [5, 20, 60, 200]
+    assert kept["1m"] == [5, 20]
+    assert kept["10m"] == [5, 20, 60]
+    assert kept["1h"] == [5, 20, 60, 200]
 
 
 async def test_extreme_values_roll_up_exactly(make_client, dsn):

@@ -13,7 +13,7 @@ from conftest import ROOT
 from helpers import now_ms, ok
 
 from server import background
-from server.keys import POOL
+from server.keys import POOL, SETTINGS
 from server.storage import db
 from server.storage.rollups import Retention
 
@@ -44,7 +44,7 @@ async def test_concurrent_migrators_apply_each_migration_once(empty_database):
         versions = await connections[0].fetch("SELECT version FROM schema_migrations ORDER BY version")
         assert [row["version"] for row in versions] == [version for version, _ in db.migration_files()]
         is_hypertable = await connections[0].fetchval(
-            "SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_name = 'worker_stats'"
+            "SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_name = 'report_blocks'"
         )
         assert is_hypertable == 1
     finally:
@@ -77,6 +77,8 @@ async def test_retention_drops_old_statistics_and_metric_keys(client, db_conn):
     await ok(client, "workers.status_report", {"worker": "w1", "timestamp": old, "machine_stats": {"disk_read": 1}})
     await ok(client, "workers.status_report", {"worker": "w1", "timestamp": now_ms(), "machine_stats": {"cpu_usage": 2}})
     retention = Retention(raw_days=30, tier_days={"1m": 30, "10m": 30, "1h": 30})
+    settings = client.app[SETTINGS]
+    await background.refresh_rollups(settings.db_dsn, settings)  # the old report packed into its day's chunk
     dropped = await background.apply_retention(client.app[POOL], retention)
     assert dropped >= 1
     rows = await db_conn.fetch("SELECT metric FROM worker_stat_points")

@@ -13,14 +13,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import asyncpg
 import pytest
 from conftest import TEST_SETTINGS
-from helpers import basic_auth, ok
+from helpers import basic_auth, ok, refresh_rollups
 from test_apiserver_tokens import SECRET, apiserver_token, new_id
 
 from server.config import Settings
-from server.storage import rollups
 
 HOUR, DAY = 3600, 86400
 RANGES = {"3 hours": 3 * HOUR, "6 hours": 6 * HOUR, "12 hours": 12 * HOUR, "1 day": DAY, "1 week": 7 * DAY,
@@ -213,11 +211,7 @@ async def test_the_workers_page(fleet, dsn, range_):
     client, ui, report_times = fleet
     started = report_times[-1] + REPORT_AGES[-1]
     await replay_page(ui, range_, report_times, started)  # rollups behind: read from raw reports
-    conn = await asyncpg.connect(dsn)
-    try:
-        await rollups.refresh(conn, Settings().retention, lag=0)
-    finally:
-        await conn.close()
+    await refresh_rollups(dsn, Settings().retention)
     await replay_page(ui, range_, report_times, started)  # rollups up to date
 
 

@@ -165,7 +165,9 @@ async def _workers_asked(call: Call, worker_ids: list[str]) -> int:
     return len(worker_ids) or await registrations.count(call.request.app[POOL], call.identity.company, WorkerFilter())
 
 
-async def _chart(call: Call, body: dict, worker_ids: list[str]) -> tuple[int, list[int], list[charts.Segment]]:
+async def _chart(
+    call: Call, body: dict, worker_ids: list[str], split_by_variant: bool = False
+) -> tuple[int, list[int], list[charts.Segment]]:
     """The effective interval, the buckets, and the sources that serve them (storage/charts.py)."""
     from_date, to_date = body["from_date"], body["to_date"]
     if from_date >= to_date:
@@ -175,10 +177,10 @@ async def _chart(call: Call, body: dict, worker_ids: list[str]) -> tuple[int, li
     now = time.time()
     if settings.read_from_rollups:
         raw_affordable = True
-        if interval % rollups.FINEST.seconds:
+        if interval % charts.tiers_for(split_by_variant)[0].seconds:
             workers = await _workers_asked(call, worker_ids)
             raw_affordable = charts.raw_worker_hours(interval, workers) <= settings.raw_read_budget_worker_hours
-        interval = charts.choose_interval(interval, from_date, now, settings.retention, raw_affordable)
+        interval = charts.choose_interval(interval, from_date, now, settings.retention, raw_affordable, split_by_variant)
     buckets = _bucket_starts(from_date, to_date, interval, settings.max_chart_buckets)
     if not buckets:
         return interval, buckets, []
@@ -187,7 +189,7 @@ async def _chart(call: Call, body: dict, worker_ids: list[str]) -> tuple[int, li
         return interval, buckets, [charts.Segment(charts.RAW, from_date, min(to_date + charts.RESOLUTION, end))]
     low, high = charts.read_range(from_date, to_date, buckets[0], end, now, settings.retention)
     exact_before = await rollups.read_watermark(pool, call.identity.company)
-    return interval, buckets, charts.segments(low, high, interval, exact_before)
+    return interval, buckets, charts.segments(low, high, interval, exact_before, split_by_variant)
 
 
 def _variant_order(variant: str | None):
@@ -204,7 +206,7 @@ async def get_stats(call: Call) -> dict:
     _check_worker_ids(call, body)
     limits.check_count(len(body["items"]), call.settings.max_stats_items, "items", "WORKERS_MAX_STATS_ITEMS")
     worker_ids = body.get("worker_ids", [])
-    interval, buckets, pieces = await _chart(call, body, worker_ids)
+    interval, buckets, pieces = await _chart(call, body, worker_ids, body["split_by_variant"])
     aggregations: dict[str, list[str]] = {}
     for item in body["items"]:
         wanted = aggregations.setdefault(item["key"], [])
@@ -219,30 +221,29 @@ async def get_stats(call: Call) -> dict:
         call.identity.company,
         pieces,
         interval=interval,
+        buckets=buckets,
         metrics=list(aggregations),
         worker_ids=worker_ids,
         split_by_variant=body["split_by_variant"],
     )
     limits.check_series_buckets(call.settings, len(found), len(buckets))
-    series: dict[str, dict[tuple[str, str | None], dict[int, dict]]] = defaultdict(dict)  # by worker
-    for (worker, metric, variant), by_bucket in found.items():
-        series[worker][(metric, variant)] = by_bucket
+    series: dict[str, dict[tuple[str, str | None], dict[str, list]]] = defaultdict(dict)  # by worker
+    for (worker, metric, variant), values in found.items():
+        series[worker][(metric, variant)] = values
     metric_order = {metric: index for index, metric in enumerate(aggregations)}
     dates = [bucket * 1000 for bucket in buckets]  # milliseconds, as the reference server answers
     workers = []
     for worker in sorted(series):
         metrics = []
         for metric, variant in sorted(series[worker], key=lambda mv: (metric_order[mv[0]], _variant_order(mv[1]))):
-            by_bucket = series[worker][(metric, variant)]
+            values = series[worker][(metric, variant)]
             entry = {"metric": metric}
             if variant is not None:
                 entry["variant"] = variant
             entry["dates"] = dates
             entry["stats"] = [
-                {
-                    "aggregation": aggregation,
-                    "values": [by_bucket[b][aggregation] if b in by_bucket else 0 for b in buckets],
-                }
+                # 0 where the worker did not report (SPEC §2, as the reference server answers)
+                {"aggregation": aggregation, "values": [0 if value is None else value for value in values[aggregation]]}
                 for aggregation in aggregations[metric]
             ]
             metrics.append(entry)
@@ -253,13 +254,11 @@ async def get_stats(call: Call) -> dict:
 async def get_activity_report(call: Call) -> dict:
     body = schemas.load(schemas.activity_request, call.body)
     interval, buckets, pieces = await _chart(call, body, [])
-    rows = await charts.activity(call.request.app[POOL], call.identity.company, pieces, interval=interval)
-    by_bucket = {row["bucket"]: row for row in rows}
+    total, active = await charts.activity(
+        call.request.app[POOL], call.identity.company, pieces, interval=interval, buckets=buckets
+    )
     dates = [bucket * 1000 for bucket in buckets]  # milliseconds, as the reference server answers
-    return {
-        "total": {"dates": dates, "counts": [by_bucket[b]["total"] if b in by_bucket else 0 for b in buckets]},
-        "active": {"dates": dates, "counts": [by_bucket[b]["active"] if b in by_bucket else 0 for b in buckets]},
-    }
+    return {"total": {"dates": dates, "counts": total}, "active": {"dates": dates, "counts": active}}
 
 
 ENDPOINTS = {

@@ -10,12 +10,12 @@ A block is a header lane followed by data lanes, each lane a byte-aligned sectio
             its values
 
 **Rollup blocks** hold, for one company, metric and tier, every worker's buckets of a period
-(tables `rollup_1m`, `rollup_10m`, `rollup_1h`):
-    header: worker ids | variants per worker | the variants, worker after worker | the
-            lanes' sizes in bytes (the workers' lanes, then their variants')
-    a lane per worker: bucket indices | min | max | sum | count — over all the metric's
-            variants (what get_stats answers without split_by_variant)
-    a lane per worker and variant: the same for that variant alone
+(tables `rollup_1m`, `rollup_10m`, `rollup_1h`; their `workers` and `offsets` columns say
+where each worker's lanes start, so that one worker is read without the others):
+    a lane per worker: its variants (codes as above) | its variant lanes' sizes in bytes |
+            bucket indices | min | max | sum | count — over all the metric's variants (what
+            get_stats answers without split_by_variant)
+    then a lane per variant of that worker: bucket indices | min | max | sum | count
 The activity of the workers (who reported, and ran a task) is the pseudo-metric ACTIVITY:
 its sum is the number of reports that carried a task, its count the number of reports.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import LanesWriter, SectionReader, Sequences, ranks, ranks_within
+from .codec import RAW, LanesWriter, SectionReader, Sequences, ranks, ranks_within
 
 ACTIVITY = 0  # the metric id of the activity pseudo-metric
 TOTAL = -1  # the variant code of a scalar metric's value
@@ -151,10 +151,11 @@ def decode_reports(blocks: list[tuple[bytes, list[str]]]) -> list[Reports]:
 
 @dataclass
 class Aggregates:
-    """Rows of (worker, variant, bucket) aggregates of one metric, as columns, sorted by
-    worker, variant (COMBINED first) and bucket. `scale` >= 0: the sum is exact as
-    `exact_sum` / 10^scale; -1: only `sum` (float64) is."""
+    """Rows of (metric, worker, variant, bucket) aggregates, as columns. `scale` >= 0: the
+    sum is exactly `exact_sum` / 10^scale; -1: only `sum` (float64) is. A rollup block holds
+    one metric's rows, sorted by worker, variant (COMBINED first) and bucket."""
 
+    metrics: np.ndarray
     workers: np.ndarray
     variants: np.ndarray  # COMBINED: over all variants
     buckets: np.ndarray  # bucket index within the block
@@ -172,7 +173,7 @@ class Aggregates:
         return Aggregates(*(getattr(self, name)[index] for name in _AGGREGATE_FIELDS))
 
 
-_AGGREGATE_FIELDS = ("workers", "variants", "buckets", "mins", "maxs", "sums", "exact_sums", "scales", "counts")
+_AGGREGATE_FIELDS = ("metrics", "workers", "variants", "buckets", "mins", "maxs", "sums", "exact_sums", "scales", "counts")
 COMBINED = -2  # the variant code of a row over all variants
 
 
@@ -180,30 +181,41 @@ def concatenate(parts: list[Aggregates]) -> Aggregates:
     return Aggregates(*(np.concatenate([getattr(p, name) for p in parts]) for name in _AGGREGATE_FIELDS))
 
 
-def encode_rollup(rows: Aggregates) -> bytes:
-    """A rollup block of one metric from its rows (sorted by worker, variant, bucket)."""
+@dataclass
+class RollupBlock:
+    """A rollup block as stored: its workers, where each one's lanes start (bytes), the data."""
+
+    workers: np.ndarray
+    offsets: np.ndarray
+    data: bytes
+
+
+def encode_rollup(rows: Aggregates) -> RollupBlock:
+    """A rollup block of one metric from its rows (sorted by worker, variant, bucket).
+
+    Each worker's lanes are together: its combined lane (variant codes | its variant lanes'
+    sizes in bytes | buckets | min | max | sum | count), then a lane per variant (buckets |
+    min | max | sum | count), so that one worker is read without the others."""
     workers = np.unique(rows.workers)
     combined = rows.variants == COMBINED
     variant_rows = rows.take(~combined)
-    pairs = np.unique(np.stack([variant_rows.workers, variant_rows.variants], axis=1), axis=0) if len(
-        variant_rows
-    ) else np.zeros((0, 2), dtype=np.int64)
-    per_worker = np.searchsorted(workers, pairs[:, 0]) if len(pairs) else np.zeros(0, np.int64)
-    variant_counts = np.bincount(per_worker, minlength=len(workers)).astype(np.int64)
-    lanes = 1 + len(workers) + len(pairs)
-    writer = LanesWriter(lanes)
-    header = np.array([0])
-    writer.ints(workers, [len(workers)], lanes=header)
-    writer.ints(variant_counts, [len(workers)], lanes=header)
-    writer.ints(pairs[:, 1] if len(pairs) else np.zeros(0, np.int64), [len(pairs)], lanes=header)
-    _write_aggregates(writer, rows.take(combined), np.arange(1, 1 + len(workers)), _lane_counts(rows.workers[combined], workers))
+    if len(variant_rows):
+        pairs = np.unique(np.stack([variant_rows.workers, variant_rows.variants], axis=1), axis=0)
+    else:
+        pairs = np.zeros((0, 2), dtype=np.int64)
+    variant_counts = np.bincount(np.searchsorted(workers, pairs[:, 0]), minlength=len(workers)).astype(np.int64)
+    group_starts = np.arange(len(workers)) + np.cumsum(variant_counts) - variant_counts
+    variant_lanes = np.repeat(group_starts, variant_counts) + 1 + ranks(variant_counts)
+    writer = LanesWriter(len(workers) + len(pairs))
     if len(pairs):
         keys = variant_rows.workers * (1 << 20) + (variant_rows.variants + 2)
         pair_keys = pairs[:, 0] * (1 << 20) + (pairs[:, 1] + 2)
-        _write_aggregates(writer, variant_rows, np.arange(1 + len(workers), lanes), _lane_counts(keys, pair_keys))
-    writer.ints(writer.lane_bytes()[1:], [lanes - 1], lanes=header)
-    data, _ = writer.to_bytes()
-    return data
+        _write_aggregates(writer, variant_rows, variant_lanes, _lane_counts(keys, pair_keys))
+    writer.ints(pairs[:, 1], variant_counts, lanes=group_starts)
+    writer.ints(writer.lane_bytes()[variant_lanes], variant_counts, lanes=group_starts)
+    _write_aggregates(writer, rows.take(combined), group_starts, _lane_counts(rows.workers[combined], workers))
+    data, sizes = writer.to_bytes()
+    return RollupBlock(workers, (np.cumsum(sizes) - sizes)[group_starts], data)
 
 
 def _lane_counts(keys: np.ndarray, lane_keys: np.ndarray) -> np.ndarray:
@@ -213,8 +225,11 @@ def _lane_counts(keys: np.ndarray, lane_keys: np.ndarray) -> np.ndarray:
 
 def _write_aggregates(writer: LanesWriter, rows: Aggregates, lanes: np.ndarray, counts: np.ndarray) -> None:
     writer.ints(rows.buckets, counts, lanes=lanes)
-    writer.floats(rows.mins, counts, lanes=lanes)
-    writer.floats(rows.maxs, counts, lanes=lanes)
+    # The activity has no min and max (NaN): its lanes keep none.
+    kept = ~np.isnan(rows.mins)
+    kept_counts = np.bincount(np.repeat(np.arange(len(lanes)), counts)[kept], minlength=len(lanes))
+    writer.floats(rows.mins[kept], kept_counts, lanes=lanes)
+    writer.floats(rows.maxs[kept], kept_counts, lanes=lanes)
     # Sums: exact integers at the lane's largest scale, or floats where a row has none.
     lane_of = np.repeat(np.arange(len(lanes)), counts)
     lane_scale = np.full(len(lanes), -1, dtype=np.int64)
@@ -232,39 +247,35 @@ def _write_aggregates(writer: LanesWriter, rows: Aggregates, lanes: np.ndarray, 
     writer.ints(rows.counts, counts, lanes=lanes)
 
 
-def decode_rollup(data: bytes, variants: bool = True, workers: np.ndarray | None = None) -> Aggregates:
+def decode_rollup(
+    block: RollupBlock, metric: int, variants: bool = True, workers: np.ndarray | None = None
+) -> Aggregates:
     """A rollup block's rows (sorted by worker, variant, bucket); without `variants`, only
     the rows over all variants; with `workers`, only theirs."""
-    reader = SectionReader(data)
-    block_workers = reader.next().integers
-    variant_counts = reader.next().integers
-    variant_codes = reader.next().integers
-    lane_sizes = reader.next().integers
-    start = (int(reader.cursors[0]) + 7) // 8
-    lane_starts = start + np.cumsum(lane_sizes) - lane_sizes
-    chosen = np.arange(len(block_workers))
-    if workers is not None:
-        chosen = np.flatnonzero(np.isin(block_workers, workers))
-    parts = [_read_aggregates(data, lane_starts[chosen], block_workers[chosen], np.full(len(chosen), COMBINED))]
-    if variants and len(variant_codes):
-        first = len(block_workers) + np.cumsum(variant_counts) - variant_counts
-        lanes = np.concatenate([first[i] + np.arange(variant_counts[i]) for i in chosen]) if len(chosen) else first[:0]
-        owners = np.repeat(block_workers[chosen], variant_counts[chosen])
-        codes = variant_codes[lanes - len(block_workers)]
-        parts.append(_read_aggregates(data, lane_starts[lanes], owners, codes))
-        combined = concatenate(parts)
-        keys = np.lexsort((combined.buckets, combined.variants, combined.workers))
-        return combined.take(keys)
-    return parts[0]
+    chosen = np.arange(len(block.workers)) if workers is None else np.flatnonzero(np.isin(block.workers, workers))
+    reader = SectionReader(block.data, block.offsets[chosen] * 8)
+    codes = reader.next()
+    sizes = reader.next()
+    rows = _read_aggregates(reader, metric, block.workers[chosen], np.full(len(chosen), COMBINED))
+    if not variants or not len(codes.integers):
+        return rows
+    # Each worker's variant lanes follow its combined lane, one after the other.
+    per_worker = codes.counts
+    lane_starts = np.repeat((reader.cursors + 7) // 8, per_worker) + ranks_within(sizes.integers, per_worker)
+    variant_rows = _read_aggregates(
+        SectionReader(block.data, lane_starts * 8), metric, np.repeat(block.workers[chosen], per_worker), codes.integers
+    )
+    both = concatenate([rows, variant_rows])
+    return both.take(np.lexsort((both.buckets, both.variants, both.workers)))
 
 
-def _read_aggregates(data: bytes, starts: np.ndarray, workers: np.ndarray, variants: np.ndarray) -> Aggregates:
-    reader = SectionReader(data, starts * 8)
+def _read_aggregates(reader: SectionReader, metric: int, workers: np.ndarray, variants: np.ndarray) -> Aggregates:
     buckets = reader.next()
     mins, maxs, sums, counts = reader.next(), reader.next(), reader.next(), reader.next()
     per_lane = buckets.counts
-    scales = np.where((sums.kinds >> 4) == 3, -1, sums.kinds & 15)
+    scales = np.where((sums.kinds >> 4) == RAW, -1, sums.kinds & 15)
     return Aggregates(
+        metrics=np.full(int(per_lane.sum()), metric, dtype=np.int64),
         workers=np.repeat(workers, per_lane),
         variants=np.repeat(variants, per_lane),
         buckets=buckets.integers,
@@ -284,6 +295,5 @@ def _filled(sequences: Sequences, per_lane: np.ndarray) -> np.ndarray:
     result = np.full(int(per_lane.sum()), np.nan)
     full = sequences.counts == per_lane
     starts = np.cumsum(per_lane) - per_lane
-    index = np.repeat(starts[full], per_lane[full]) + ranks(per_lane[full])
-    result[index] = sequences.floats()
+    result[np.repeat(starts[full], per_lane[full]) + ranks(per_lane[full])] = sequences.floats()
     return result

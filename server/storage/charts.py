@@ -10,14 +10,17 @@ value is a row of its own with count 1; for activity, a worker seen in a bucket)
 statement aggregates per bucket, so each bucket is exact whichever sources serve it.
 """
 
+import math
 from dataclasses import dataclass
 
 import asyncpg
+import numpy as np
 
 from .. import errors
 from ..errors import ApiError
-from . import rollups, statistics
-from .rollups import FINEST, TIERS, Retention, ceil_to, floor_to
+from . import aggregate, ids, raw, rollups
+from .blocks import ACTIVITY, COMBINED, Aggregates, variant_name
+from .rollups import TIERS, Retention, ceil_to, floor_to
 
 RAW = 0  # the source of a segment read from the raw reports
 RESOLUTION = 1e-6  # of timestamptz: a range that ends at t inclusive ends before t + RESOLUTION
@@ -43,17 +46,26 @@ def raw_worker_hours(interval: int, workers: int) -> float:
     return interval * CHART_POINTS / 3600 * max(workers, 1)
 
 
-def choose_interval(interval: int, from_date: float, now: float, retention: Retention, raw_affordable: bool) -> int:
+def tiers_for(split_by_variant: bool) -> list[rollups.Tier]:
+    """The tiers that can serve a chart: with split_by_variant, those that keep each variant
+    (the 1-minute tier keeps the rows over all variants only)."""
+    return [tier for tier in TIERS if tier.variants or not split_by_variant]
+
+
+def choose_interval(
+    interval: int, from_date: float, now: float, retention: Retention, raw_affordable: bool, split_by_variant: bool = False
+) -> int:
     """The interval to chart with (SPEC §2). How far back the chart reaches is the longer
     of its range and the span of CHART_POINTS buckets at `interval` (judged by the interval
     too, so that a first load and its refreshes agree). While raw reports reach that far,
     `interval` is kept when a tier's resolution divides it or reading it raw is
     `raw_affordable`; otherwise it is raised to the next multiple of the finest tier that
     reaches that far."""
+    tiers = tiers_for(split_by_variant)
     reach = max(now - from_date, interval * CHART_POINTS)
-    if reach <= retention.days(None) * 86400 and (interval % FINEST.seconds == 0 or raw_affordable):
+    if reach <= retention.days(None) * 86400 and (interval % tiers[0].seconds == 0 or raw_affordable):
         return interval
-    tier = next((tier for tier in TIERS if reach <= retention.days(tier) * 86400), TIERS[-1])
+    tier = next((tier for tier in tiers if reach <= retention.days(tier) * 86400), tiers[-1])
     return ceil_to(interval, tier.seconds)
 
 
@@ -69,10 +81,10 @@ def read_range(
     return low, high
 
 
-def segments(low: float, high: float, interval: int, exact_before: float) -> list[Segment]:
+def segments(low: float, high: float, interval: int, exact_before: float, split_by_variant: bool = False) -> list[Segment]:
     """Cut [low, high) into segments: rollup tiers whose resolution divides `interval`,
     coarsest first, for whole buckets before `exact_before`; raw reports for the rest."""
-    resolutions = [tier.seconds for tier in reversed(TIERS) if interval % tier.seconds == 0]
+    resolutions = [tier.seconds for tier in reversed(tiers_for(split_by_variant)) if interval % tier.seconds == 0]
     return _split(low, high, resolutions, exact_before)
 
 
@@ -92,97 +104,128 @@ def _split(low: float, high: float, resolutions: list[int], exact_before: float)
     ]
 
 
-# $1 company, $2 interval (seconds), then for get_stats $3 metrics and (when filtered) $4
-# worker ids, then each segment's low and high. A bucket served by several segments has a
-# row from each: get_stats combines them in `stats` (cheaper than one more aggregation of
-# every row in SQL, when the rows of a tier are already whole buckets).
-_STATS = "{parts}"
-
-_ACTIVITY = """
-SELECT bucket, count(*) AS total, count(*) FILTER (WHERE busy) AS active
-FROM (SELECT bucket, worker, bool_or(busy) AS busy FROM ({parts}) AS parts GROUP BY 1, 2) AS per_worker
-GROUP BY 1
-"""
-
-
-def _compose(template: str, parts_of, pieces: list[Segment], first: int) -> tuple[str, list[float]]:
-    """The statement for `pieces` (a part per segment from `parts_of(source, low, high)`),
-    with their bounds as parameters from `$first` on."""
-    parts, bounds = [], []
-    for number, piece in enumerate(pieces):
-        low, high = f"${first + 2 * number}", f"${first + 2 * number + 1}"
-        parts.append(parts_of(piece.source, low, high))
-        bounds += [piece.low, piece.high]
-    return template.format(parts="\nUNION ALL\n".join(parts)), bounds
-
-
 def _tier(seconds: int) -> rollups.Tier:
     return next(tier for tier in TIERS if tier.seconds == seconds)
 
 
-async def _fetch(db, statement: str, *arguments) -> list[asyncpg.Record]:
+def _timeout() -> ApiError:
+    return ApiError(
+        errors.INVALID_FIELD_VALUES,
+        "Invalid field values: the read did not finish within the read timeout "
+        "(WORKERS_READ_TIMEOUT_SECONDS): ask for fewer workers or metrics, a shorter range or a larger interval",
+    )
+
+
+async def _rows(conn, company: str, pieces: list[Segment], interval: int, metrics, workers, variants: bool) -> Aggregates:
+    """Every segment's rows per bucket of `interval`, combined (a bucket several segments
+    serve is made one row)."""
+    parts = []
+    for piece in pieces:
+        low, high = piece.low, piece.high
+        if piece.source == RAW:
+            points = await raw.read(conn, _micros(low), _micros(high), workers)
+            if metrics is None:
+                parts.append(aggregate.activity(points, interval))
+            else:
+                rows = aggregate.aggregate(points, interval, variants=variants, metrics=metrics)
+                parts.append(aggregate.split(rows) if variants else rows.take(rows.variants == COMBINED))
+        else:
+            tier = _tier(piece.source)
+            wanted = [ACTIVITY] if metrics is None else metrics
+            rows = await rollups.read(conn, tier, company, wanted, int(low), int(high), workers, variants=variants)
+            rows = aggregate.split(rows) if variants else rows.take(rows.variants == COMBINED)
+            parts.append(aggregate.combine(rows, interval // tier.seconds))
+    return aggregate.combine(aggregate.concatenate(parts)) if parts else aggregate.empty()
+
+
+def _micros(seconds: float) -> int:
+    return math.ceil(seconds * 1_000_000)
+
+
+async def _read(pool, read):
+    """Run `read(conn)` in a read-only repeatable-read transaction (raw reports are read as
+    rows and blocks of one snapshot); a statement past the read timeout is a clear 400."""
     try:
-        return await db.fetch(statement, *arguments)
+        async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            return await read(conn)
     except asyncpg.QueryCanceledError:
-        raise ApiError(
-            errors.INVALID_FIELD_VALUES,
-            "Invalid field values: the read did not finish within the read timeout "
-            "(WORKERS_READ_TIMEOUT_SECONDS): ask for fewer workers or metrics, a shorter range or a larger interval",
-        ) from None
+        raise _timeout() from None
 
 
-Series = dict[tuple[str, str, str | None], dict[int, dict[str, float]]]
+# Per series (worker, metric, variant or None): "min", "max" and "avg" lists, one value per
+# bucket asked for (None where the series has no report in the bucket).
+Series = dict[tuple[str, str, str | None], dict[str, list]]
 
 
 async def stats(
-    db,
+    pool,
     company: str,
     pieces: list[Segment],
     *,
     interval: int,
+    buckets: list[int],
     metrics: list[str],
     worker_ids: list[str],
     split_by_variant: bool,
 ) -> Series:
-    """{(worker, metric, variant or None): {bucket start in seconds: {"min", "max", "avg"}}}."""
     if not pieces:
         return {}
-    workers = "$4" if worker_ids else None
 
-    def part(source: int, low: str, high: str) -> str:
-        if source == RAW:
-            return statistics.stats_part(low, high, workers, split_by_variant)
-        return rollups.stats_part(_tier(source), low, high, workers, split_by_variant, interval)
+    async def read(conn):
+        known_workers = await ids.workers_of_company(conn, company)
+        workers = [known_workers[w] for w in worker_ids if w in known_workers] if worker_ids else list(known_workers.values())
+        metric_ids = await ids.metrics_by_name(conn, company, metrics)
+        if not workers or not metric_ids:
+            return {}
+        rows = await _rows(conn, company, pieces, interval, list(metric_ids.values()), workers, split_by_variant)
+        names = {worker_id: name for name, worker_id in known_workers.items()}
+        return _series(rows, buckets[0] // interval, len(buckets), names, {i: n for n, i in metric_ids.items()}, split_by_variant)
 
-    statement, bounds = _compose(_STATS, part, pieces, 5 if worker_ids else 4)
-    arguments = [company, float(interval), metrics] + ([worker_ids] if worker_ids else [])
-    combined: dict[tuple, dict[int, list]] = {}
-    for worker, metric, variant, bucket, low, high, total, count in await _fetch(db, statement, *arguments, *bounds):
-        buckets = combined.get((worker, metric, variant))
-        if buckets is None:
-            buckets = combined[(worker, metric, variant)] = {}
-        found = buckets.get(bucket)
-        if found is None:
-            buckets[bucket] = [low, high, total, count]
-            continue
-        found[0], found[1] = min(found[0], low), max(found[1], high)
-        found[2] += total
-        found[3] += count
-    return {
-        key: {bucket: {"min": low, "max": high, "avg": total / count} for bucket, (low, high, total, count) in buckets.items()}
-        for key, buckets in combined.items()
-    }
+    return await _read(pool, read)
 
 
-async def activity(db, company: str, pieces: list[Segment], *, interval: int) -> list[asyncpg.Record]:
+def _series(rows: Aggregates, first: int, count: int, worker_names, metric_names, split: bool) -> Series:
+    """Rows as one list per series and aggregation, over the buckets asked for."""
+    keep = (rows.buckets >= first) & (rows.buckets < first + count)
+    rows = rows.take(keep)
+    result: Series = {}
+    if not len(rows):
+        return result
+    order = np.lexsort((rows.buckets, rows.variants, rows.metrics, rows.workers))
+    rows = rows.take(order)
+    change = np.ones(len(rows), dtype=bool)
+    change[1:] = (rows.workers[1:] != rows.workers[:-1]) | (rows.metrics[1:] != rows.metrics[:-1]) | (
+        rows.variants[1:] != rows.variants[:-1]
+    )
+    starts = np.flatnonzero(change)
+    series = np.cumsum(change) - 1
+    position = rows.buckets - first
+    averages = rows.sums / rows.counts
+    for name, column in (("min", rows.mins), ("max", rows.maxs), ("avg", averages)):
+        grid = np.full((len(starts), count), np.nan)
+        grid[series, position] = column
+        for index, start in enumerate(starts):
+            variant = variant_name(int(rows.variants[start])) if split else None
+            key = (worker_names[int(rows.workers[start])], metric_names[int(rows.metrics[start])], variant)
+            result.setdefault(key, {})[name] = [None if math.isnan(v) else v for v in grid[index].tolist()]
+    return result
+
+
+async def activity(pool, company: str, pieces: list[Segment], *, interval: int, buckets: list[int]) -> tuple[list, list]:
     """Distinct reporting workers (`total`) and those running a task (`active`) per bucket."""
     if not pieces:
-        return []
+        return [0] * len(buckets), [0] * len(buckets)
 
-    def part(source: int, low: str, high: str) -> str:
-        if source == RAW:
-            return statistics.activity_part(low, high)
-        return rollups.activity_part(_tier(source), low, high, interval)
+    async def read(conn):
+        workers = list((await ids.workers_of_company(conn, company)).values())
+        if not workers:
+            return aggregate.empty()
+        return await _rows(conn, company, pieces, interval, None, workers, False)
 
-    statement, bounds = _compose(_ACTIVITY, part, pieces, 3)
-    return await _fetch(db, statement, company, float(interval), *bounds)
+    rows = await _read(pool, read)
+    first = buckets[0] // interval
+    position = rows.buckets - first
+    inside = (position >= 0) & (position < len(buckets)) & (rows.counts > 0)
+    total = np.bincount(position[inside], minlength=len(buckets))
+    active = np.bincount(position[inside & (rows.exact_sums > 0)], minlength=len(buckets))
+    return total.tolist(), active.tolist()

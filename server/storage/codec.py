@@ -241,22 +241,37 @@ def _pack(positions: np.ndarray, values: np.ndarray, widths: np.ndarray, size: i
     return words.astype(np.uint64).astype(">u4").tobytes()[:size]
 
 
+def value_scales(values: np.ndarray) -> np.ndarray:
+    """For each value a k with round(value * 10^k) / 10^k == value (float64 equality, the
+    sign of zero included), -1 where none up to MAX_SCALE fits. Not always the smallest:
+    a decimal exact at k is exact at any larger k, and integers and 3 decimals (what the
+    agent sends) are tried first."""
+    result = np.full(len(values), -1, dtype=np.int64)
+    pending = np.ones(len(values), dtype=bool)
+    for k in (0, 3, *range(1, MAX_SCALE + 1)):
+        if not pending.any():
+            break
+        exact, too_big = _exact_at(values, k, pending)
+        result[exact] = k
+        pending &= ~exact & ~too_big
+    return result
+
+
 def lane_scales(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Each lane's smallest k with round(value * 10^k) / 10^k == value for all its values
     (float64 equality, the sign of zero included): 0 for an empty lane, -1 where none fits.
 
-    Each value's smallest scale is found first (most values settle within a few scales); a
-    lane takes the largest of its values' (a decimal exact at k is exact at any larger k)
-    and is checked whole at it, raw when that fails."""
+    Integers and 3 decimals (what the agent sends) settle whole lanes first; then each
+    remaining value's smallest scale is found, and a lane takes the largest of its values'
+    (a decimal exact at k is exact at any larger k), checked whole at it."""
     result = np.zeros(len(counts), dtype=np.int64)
     has = counts > 0
     if not has.any():
         return result
     starts = (np.cumsum(counts) - counts)[has]
-    # Integers and 3 decimals (what the agent sends) settle whole lanes at once.
     undecided = np.ones(len(values), dtype=bool)
     for k in (0, 3):
-        exact = _exact_at(values, k, undecided)
+        exact, _ = _exact_at(values, k, undecided)
         lane_exact = np.minimum.reduceat(exact, starts)
         settled = np.flatnonzero(has)[lane_exact & np.minimum.reduceat(undecided, starts)]
         result[settled] = k
@@ -264,44 +279,42 @@ def lane_scales(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     if not undecided.any():
         return result
     per_value = np.full(len(values), -1, dtype=np.int64)
-    pending = np.flatnonzero(undecided)
+    pending = undecided.copy()
     for k in range(MAX_SCALE + 1):
-        if not len(pending):
+        if not pending.any():
             break
-        part = values[pending]
-        with np.errstate(over="ignore"):
-            scaled_values = np.round(part * _POWERS[k])
-        fits = np.abs(scaled_values) <= MAX_EXACT
-        exact = fits & ((np.where(fits, scaled_values, 0).astype(np.int64) / _POWERS[k]).view(np.int64) == part.view(np.int64))
-        per_value[pending[exact]] = k
-        pending = pending[~exact & fits]
+        exact, too_big = _exact_at(values, k, pending)
+        per_value[exact] = k
+        pending &= ~exact & ~too_big
     lanes = np.minimum.reduceat(undecided, starts)  # a lane is decided whole or not at all
     hopeless = np.minimum.reduceat(per_value, starts) < 0
     chosen = np.where(hopeless, -1, np.maximum.reduceat(per_value, starts))
     result[np.flatnonzero(has)[lanes]] = chosen[lanes]
     # The check at the lane's scale.
     lane_scale = np.repeat(result, counts)
-    decimal = (lane_scale >= 0) & undecided
-    scaled_values = np.round(values[decimal] * _POWERS[lane_scale[decimal]])
-    ok = np.ones(len(values), dtype=bool)
-    ok[decimal] = (np.abs(scaled_values) <= MAX_EXACT) & (
-        (scaled_values.astype(np.int64) / _POWERS[lane_scale[decimal]]).view(np.int64) == values[decimal].view(np.int64)
-    )
-    if not ok.all():
+    check = (lane_scale >= 0) & undecided
+    if check.any():
+        ok = np.ones(len(values), dtype=bool)
+        for k in np.unique(lane_scale[check]):
+            exact, _ = _exact_at(values, int(k), check & (lane_scale == k))
+            ok[check & (lane_scale == k)] = exact[check & (lane_scale == k)]
         result[has] = np.where(np.minimum.reduceat(ok, starts), result[has], -1)
     return result
 
 
-def _exact_at(values: np.ndarray, k: int, where: np.ndarray) -> np.ndarray:
-    """Whether each value (of those `where` is true for) equals round(value * 10^k) / 10^k."""
-    result = np.zeros(len(values), dtype=bool)
+def _exact_at(values: np.ndarray, k: int, where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Of the values `where` is true for: whether each equals round(value * 10^k) / 10^k,
+    and whether it is too large for k (then for any larger k too)."""
+    exact = np.zeros(len(values), dtype=bool)
+    too_big = np.zeros(len(values), dtype=bool)
     part = values[where]
-    with np.errstate(over="ignore"):  # 1e100 * 10^k overflows: it does not fit anyway
+    with np.errstate(over="ignore", invalid="ignore"):  # 1e100 * 10^k overflows: it does not fit anyway
         scaled_values = np.round(part * _POWERS[k])
     fits = np.abs(scaled_values) <= MAX_EXACT
     integers = np.where(fits, scaled_values, 0).astype(np.int64)
-    result[where] = fits & ((integers / _POWERS[k]).view(np.int64) == part.view(np.int64))
-    return result
+    exact[where] = fits & ((integers / _POWERS[k]).view(np.int64) == part.view(np.int64))
+    too_big[where] = ~fits
+    return exact, too_big
 
 
 @dataclass

@@ -1,33 +1,27 @@
-"""SQL of the rollup tiers (`stats_<r>`, `activity_<r>`), their watermark and invalidation log,
-and the refresh that keeps them up to date.
+"""SQL of the rollup tiers (`rollup_1m`, `rollup_10m`, `rollup_1h`), their watermark and
+invalidation log, and the rules of which periods a refresh rebuilds.
 
-Each tier holds, per bucket of its resolution, what `get_stats` and `get_activity_report`
-need to compose exact answers: min, max, sum and count of every metric (over all its
-variants, and per variant), and per worker whether it reported and ran a task. The 1-minute
-tier is rolled up from the raw reports (in this process: cheaper than unpacking jsonb in
-SQL), each coarser tier from the tier below it (in SQL).
+Each tier holds rollup blocks (storage/blocks.py): for one company and metric, every worker's
+min, max, sum and count per bucket of the tier's resolution over a period (the 10-minute and
+hourly tiers per variant too; the 1-minute tier over all variants only: a variant's minutes
+are read from the raw reports, which are kept at least as long). The refresh
+(storage/refresh.py) adds a small block per metric at each pass and compaction
+(storage/compaction.py) merges them into one block per period.
 
-The refresh (one process or host at a time: a session advisory lock) first moves the
-watermark forward in a transaction of its own, then, in one repeatable-read transaction,
-takes the invalidation log and rebuilds what it names plus every bucket that closed between
-the old and the new watermark. The writer logs, in the statement that stores them, the
-reports of each batch that fall behind the watermark (see migrations/004_rollups.sql).
+The writer logs, in the statement that stores them, the reports of each batch that fall
+behind the watermark (see migrations/004_rollups.sql); the refresh rebuilds what they touch.
 """
 
-import json
-import logging
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import asyncpg
-import orjson
+import numpy as np
 
-from .statistics import BUCKET_SECONDS
-
-log = logging.getLogger(__name__)
+from . import blocks
+from .aggregate import empty
 
 REFRESH_LOCK = 0x574B5255  # an arbitrary advisory lock key: one refresher at a time
 
@@ -35,19 +29,17 @@ REFRESH_LOCK = 0x574B5255  # an arbitrary advisory lock key: one refresher at a 
 @dataclass(frozen=True)
 class Tier:
     name: str
-    seconds: int
+    seconds: int  # the resolution
+    period: int  # the span of a merged block (seconds)
+    variants: bool  # whether each variant's rows are kept
 
     @property
-    def stats(self) -> str:
-        return f"stats_{self.name}"
-
-    @property
-    def activity(self) -> str:
-        return f"activity_{self.name}"
+    def table(self) -> str:
+        return f"rollup_{self.name}"
 
 
-# Finest first; each resolution divides the next, so a tier is rolled up from the one below.
-TIERS = (Tier("1m", 60), Tier("10m", 600), Tier("1h", 3600))
+# Finest first; each resolution divides the next.
+TIERS = (Tier("1m", 60, 3600, False), Tier("10m", 600, 86400, True), Tier("1h", 3600, 7 * 86400, True))
 FINEST = TIERS[0]
 
 # Part of the batching writer's statement: the workers of the batch (`$1`, one entry each
@@ -96,131 +88,40 @@ SELECT extract(epoch FROM least(
            (SELECT min(low) FROM rollup_invalidations WHERE company = $1 OR company IS NULL)))::float8
 """
 
-# `regions`: the periods to rebuild, $1..$4 = company, worker (NULL: all of the company's),
-# low, high (epoch seconds, bucket-aligned). Regions never overlap (see `regions`).
-_REGIONS = """
-WITH regions AS (
-    SELECT g.company, g.worker, to_timestamp(g.low) AS low, to_timestamp(g.high) AS high
-    FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[]) AS g (company, worker, low, high)
-)
-"""
-
-_DELETE = _REGIONS + """
-DELETE FROM {table} AS t USING regions AS g
-WHERE t.company = g.company AND t.time >= g.low AND t.time < g.high AND (g.worker IS NULL OR t.worker = g.worker)
-"""
-
-# $5/$6: the earliest low and latest high of the regions, so that the planner sees which
-# chunks and which index range to read.
-_IN_REGION = """regions AS g
-JOIN {source} AS s ON s.company = g.company AND s.time >= g.low AND s.time < g.high
-    AND (g.worker IS NULL OR s.worker = g.worker)
-    AND s.time >= to_timestamp($5) AND s.time < to_timestamp($6)"""
-
-_STATS_COLUMNS = "time, company, worker, metric, min, max, sum, count, variants, mins, maxs, sums, counts"
-_ACTIVITY_COLUMNS = ["time", "company", "worker", "reports", "busy"]
-
-# Per-variant aggregates of the source, combined into one row per bucket, worker and metric.
-_STATS_INSERT = """INSERT INTO {table} (""" + _STATS_COLUMNS + """)
-SELECT time, company, worker, metric, min, max, sum, count,
-       nullif(variants, ARRAY['total']),
-       CASE WHEN variants <> ARRAY['total'] THEN mins END, CASE WHEN variants <> ARRAY['total'] THEN maxs END,
-       CASE WHEN variants <> ARRAY['total'] THEN sums END, CASE WHEN variants <> ARRAY['total'] THEN counts END
-FROM (
-    SELECT time, company, worker, metric, min(min) AS min, max(max) AS max, sum(sum) AS sum,
-           sum(count)::integer AS count, array_agg(variant ORDER BY variant) AS variants,
-           array_agg(min ORDER BY variant) AS mins, array_agg(max ORDER BY variant) AS maxs,
-           array_agg(sum ORDER BY variant) AS sums, array_agg(count ORDER BY variant) AS counts
-    FROM ({per_variant}) AS per_variant
-    GROUP BY time, company, worker, metric
-) AS combined
-ORDER BY company, metric, worker, time
-"""
-
-# A row's variants, as rows: a scalar metric's row (NULL arrays) is its one variant "total".
-VARIANTS = """unnest(
-    coalesce(s.variants, ARRAY['total']), coalesce(s.mins, ARRAY[s.min]), coalesce(s.maxs, ARRAY[s.max]),
-    coalesce(s.sums, ARRAY[s.sum]), coalesce(s.counts, ARRAY[s.count])) AS v (variant, min, max, sum, count)"""
-
-# The 1-minute tier is rolled up in Python from the raw reports (see `_minute_rollups`):
-# unpacking jsonb with jsonb_each costs the database about six times more.
-_RAW_REPORTS = _REGIONS + f"""
-SELECT extract(epoch FROM s.time)::float8 AS time, s.company, s.worker, s.task, s.metrics::text AS metrics
-FROM {_IN_REGION.format(source="worker_stats")}
-"""
-
-_STATS_FROM_TIER = """
-SELECT time_bucket(make_interval(secs => $7), s.time) AS time, s.company, s.worker, s.metric, v.variant,
-       min(v.min) AS min, max(v.max) AS max, sum(v.sum) AS sum, sum(v.count)::integer AS count
-FROM {in_region}
-CROSS JOIN LATERAL {variants}
-GROUP BY 1, 2, 3, 4, 5
-"""
-
-_ACTIVITY_FROM_TIER = """INSERT INTO {table} (time, company, worker, reports, busy)
-SELECT time_bucket(make_interval(secs => $7), s.time), s.company, s.worker, sum(s.reports)::integer, bool_or(s.busy)
-FROM {in_region}
-GROUP BY 1, 2, 3
-"""
-
-
-def _rebuild_statements(tier: Tier, source: Tier) -> tuple[str, str]:
-    """The statements that roll `tier`'s stats and activity up from `source` in the regions;
-    $7 is the tier's resolution in seconds."""
-    stats_rows = _STATS_FROM_TIER.format(in_region=_IN_REGION.format(source=source.stats), variants=VARIANTS)
-    stats = _REGIONS + _STATS_INSERT.format(table=tier.stats, per_variant=stats_rows)
-    activity = _REGIONS + _ACTIVITY_FROM_TIER.format(
-        table=tier.activity, in_region=_IN_REGION.format(source=source.activity)
-    )
-    return stats, activity
-
-
-_ROLL_UP = {tier.name: _rebuild_statements(tier, finer) for finer, tier in zip(TIERS, TIERS[1:])}
-
 _DROP_CHUNKS = "SELECT count(*) FROM drop_chunks($1::regclass, older_than => now() - $2::float8 * interval '1 day')"
 
+# A tier's blocks of company $1 and metrics $2 that may hold buckets in [$3, $4) (epoch
+# seconds): a block starts at most a period before what it holds.
+_BLOCKS = """
+SELECT extract(epoch FROM start)::bigint AS start, buckets, metric, workers, offsets, data FROM {table}
+WHERE company = $1 AND metric = ANY($2::integer[])
+  AND start > to_timestamp($3) - make_interval(secs => {period}) AND start < to_timestamp($4)
+"""
 
-# Parts of a chart read (storage/charts.py), as statistics.stats_part and activity_part
-# but from a tier's whole buckets in [{low}, {high}). Where the chart's interval is the
-# tier's resolution its rows are already one per bucket: no grouping ({group} empty).
-_STATS_PART = f"""
-SELECT s.worker, s.metric, NULL::text AS variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
-       {{min}}(s.min) AS min, {{max}}(s.max) AS max, {{sum}}(s.sum) AS sum, {{sum}}(s.count) AS count
-FROM {{table}} AS s
-WHERE s.company = $1 AND s.metric = ANY($3::text[])
-  AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
-{{group}}"""
+# The same, of workers $5 only: just their lanes are read (the data is stored uncompressed,
+# so a slice of it is read alone).
+_WORKER_LANES = """
+SELECT extract(epoch FROM b.start)::bigint AS start, b.buckets, b.metric, g.worker,
+       substring(b.data FROM g.lane + 1 FOR coalesce(b.offsets[g.i + 1], octet_length(b.data)) - g.lane) AS lanes
+FROM {table} AS b
+CROSS JOIN LATERAL unnest(b.workers, b.offsets) WITH ORDINALITY AS g (worker, lane, i)
+WHERE b.company = $1 AND b.metric = ANY($2::integer[])
+  AND b.start > to_timestamp($3) - make_interval(secs => {period}) AND b.start < to_timestamp($4)
+  AND g.worker = ANY($5::integer[])
+"""
 
-_STATS_PART_BY_VARIANT = f"""
-SELECT s.worker, s.metric, v.variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
-       {{min}}(v.min) AS min, {{max}}(v.max) AS max, {{sum}}(v.sum) AS sum, {{sum}}(v.count) AS count
-FROM {{table}} AS s
-CROSS JOIN LATERAL {VARIANTS}
-WHERE s.company = $1 AND s.metric = ANY($3::text[])
-  AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
-{{group}}"""
+_DELETE_PERIOD = "DELETE FROM {table} WHERE company = $1 AND metric = $2 AND start >= $3 AND start < $4"
 
-_ACTIVITY_PART = f"""
-SELECT s.worker, {BUCKET_SECONDS.format(time="s.time")} AS bucket, {{bool_or}}(s.busy) AS busy
-FROM {{table}} AS s
-WHERE s.company = $1 AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}})
-{{group}}"""
+_METRICS_IN = "SELECT DISTINCT metric FROM {table} WHERE company = $1 AND start >= $2 AND start < $3"
 
-_GROUPED = {"min": "min", "max": "max", "sum": "sum", "bool_or": "bool_or"}
-_AS_IS = {"min": "", "max": "", "sum": "", "bool_or": "", "group": ""}
-
-
-def stats_part(tier: Tier, low: str, high: str, workers: str | None, split_by_variant: bool, interval: int) -> str:
-    """`low`, `high` and `workers` (or None: every worker) are parameter placeholders."""
-    template = _STATS_PART_BY_VARIANT if split_by_variant else _STATS_PART
-    grouping = _AS_IS if interval == tier.seconds else {**_GROUPED, "group": "GROUP BY 1, 2, 3, 4"}
-    workers_filter = f" AND s.worker = ANY({workers}::text[])" if workers else ""
-    return template.format(table=tier.stats, low=low, high=high, workers=workers_filter, **grouping)
-
-
-def activity_part(tier: Tier, low: str, high: str, interval: int) -> str:
-    grouping = _AS_IS if interval == tier.seconds else {**_GROUPED, "group": "GROUP BY 1, 2"}
-    return _ACTIVITY_PART.format(table=tier.activity, low=low, high=high, **grouping)
+# (company, metric, period start) of every period holding more than one block, and their
+# count, among the periods that start before $1 (epoch seconds).
+_FRAGMENTED = """
+SELECT company, metric, extract(epoch FROM time_bucket(make_interval(secs => {period}), start))::bigint AS period,
+       count(*) AS blocks
+FROM {table} WHERE start < to_timestamp($1)
+GROUP BY 1, 2, 3 HAVING count(*) > 1
+"""
 
 
 # --- which periods to rebuild -------------------------------------------------------------
@@ -309,9 +210,6 @@ def regions(
     return result
 
 
-# --- the refresh --------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Retention:
     """Days each tier is kept: raw reports, then each rollup tier by name."""
@@ -335,150 +233,133 @@ class Retention:
         return oldest
 
 
-@dataclass(frozen=True)
-class RefreshResult:
-    old_watermark: float
-    new_watermark: float
-    invalidations: int
-    regions: int
+# --- the tiers' blocks ---------------------------------------------------------------------
 
 
-async def refresh_once(conn: asyncpg.Connection, retention: Retention, *, lag: float, max_step: float) -> RefreshResult:
-    """Move the watermark (at most `max_step` seconds past what is materialized, never
-    closer than `lag` to now), then roll up what closed before it and what was invalidated.
-    The caller holds REFRESH_LOCK."""
-    await conn.execute(_ADVANCE, lag, max_step)  # a transaction of its own: writers wait on it
-    now = time.time()
-    async with conn.transaction(isolation="repeatable_read"):
-        old, new = await conn.fetchrow(_PROGRESS)
-        taken = [Invalidation(*row) for row in await conn.fetch(_TAKE_INVALIDATIONS)]
-        companies = [row["id"] for row in await conn.fetch(_COMPANIES)]
-        rebuilt = 0
-        for index, tier in enumerate(TIERS):
-            source = TIERS[index - 1] if index else None
-            todo = regions(tier.seconds, old, new, companies, taken, retention.horizon(source, now))
-            rebuilt += len(todo)
-            for batch in _batches(todo, SECONDS_PER_STATEMENT * tier.seconds // 60):
-                await _rebuild(conn, tier, batch)
-        await conn.execute(_MATERIALIZED, new)
-    return RefreshResult(old, new, len(taken), rebuilt)
-
-
-async def _rebuild(conn: asyncpg.Connection, tier: Tier, batch: list[tuple]) -> None:
-    companies, workers, lows, highs = (list(column) for column in zip(*batch))
-    for table in (tier.stats, tier.activity):
-        await conn.execute(_DELETE.format(table=table), companies, workers, lows, highs)
-    bounds = (min(lows), max(highs))
-    if tier is FINEST:
-        reports = await conn.fetch(_RAW_REPORTS, companies, workers, lows, highs, *bounds)
-        stats, activity = _minute_rollups(reports)
-        stats.sort(key=_fleet_order)
-        await conn.copy_records_to_table(tier.stats, records=stats, columns=_STATS_COLUMNS.split(", "))
-        await conn.copy_records_to_table(tier.activity, records=activity, columns=_ACTIVITY_COLUMNS)
-        return
-    for statement in _ROLL_UP[tier.name]:
-        await conn.execute(statement, companies, workers, lows, highs, *bounds, float(tier.seconds))
-
-
-def _fleet_order(row: tuple) -> tuple:
-    """Rows are stored in (company, metric, worker, time) order within each rebuild, so that a
-    fleet chart of one metric reads few pages (see the `stats_<r>_fleet` index)."""
-    time, company, worker, metric = row[:4]
-    return company, metric, worker, time
-
-
-def _json(text: str) -> dict:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:  # an integer beyond 64 bits (values reach 1e100)
-        return json.loads(text)
-
-
-def _minute_rollups(reports: list) -> tuple[list[tuple], list[tuple]]:
-    """The 1-minute tier's stats and activity rows of raw report rows.
-
-    Values are collected in lists per worker-minute, metric and variant, then reduced once
-    with the builtins min, max and sum (loops in C): cheaper than updating running
-    aggregates for every value."""
-    # (bucket, company, worker) -> [reports, busy, {metric: {variant: [values]}}]
-    minutes: dict[tuple, list] = {}
-    for when, company, worker, task, metrics in reports:
-        key = (floor_to(when, FINEST.seconds), company, worker)
-        minute = minutes.get(key)
-        if minute is None:
-            minute = minutes[key] = [0, False, {}]
-        minute[0] += 1
-        if task:
-            minute[1] = True
-        collected = minute[2]
-        for metric, variants in _json(metrics).items():
-            per_variant = collected.get(metric)
-            if per_variant is None:
-                collected[metric] = {variant: [value] for variant, value in variants.items()}
-                continue
-            for variant, value in variants.items():
-                found = per_variant.get(variant)
-                if found is None:
-                    per_variant[variant] = [value]
-                else:
-                    found.append(value)
-    stats, activity = [], []
-    for (bucket, company, worker), (count, busy, collected) in minutes.items():
-        moment = _utc(bucket)
-        activity.append((moment, company, worker, count, busy))
-        for metric, per_variant in collected.items():
-            variants = sorted(per_variant)
-            mins = [float(min(per_variant[variant])) for variant in variants]
-            maxs = [float(max(per_variant[variant])) for variant in variants]
-            sums = [float(sum(per_variant[variant])) for variant in variants]
-            counts = [len(per_variant[variant]) for variant in variants]
-            arrays = (variants, mins, maxs, sums, counts) if variants != ["total"] else (None,) * 5
-            stats.append((moment, company, worker, metric, min(mins), max(maxs), sum(sums), sum(counts), *arrays))
-    return stats, activity
-
-
-def _utc(seconds: float) -> datetime:
+def _epoch_time(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, timezone.utc)
 
 
-# How much of the fleet's time one rebuild statement covers at most, for the 1-minute tier
-# (coarser tiers: in proportion): a refresh every 30 s needs one statement per tier, a bulk
-# rebuild many statements of bounded memory instead of one that aggregates days at once.
-SECONDS_PER_STATEMENT = 3600
+async def read(
+    db, tier: Tier, company: str, metrics, low: int, high: int, workers=None, variants: bool = False
+) -> blocks.Aggregates:
+    """The tier's rows of `metrics` (ids; 0: activity) for buckets in [low, high) (epoch
+    seconds, bucket-aligned), of `workers` (ids; None: all), with absolute buckets."""
+    metric_ids = [int(metric) for metric in metrics]
+    parts = []
+    if workers is None:
+        for row in await db.fetch(_BLOCKS.format(table=tier.table, period=tier.period), company, metric_ids, low, high):
+            block = blocks.RollupBlock(np.array(row["workers"], dtype=np.int64), np.array(row["offsets"], dtype=np.int64), row["data"])
+            parts.append(_absolute(blocks.decode_rollup(block, row["metric"], variants=variants), row["start"], tier))
+    else:
+        rows = await db.fetch(
+            _WORKER_LANES.format(table=tier.table, period=tier.period), company, metric_ids, low, high, [int(w) for w in workers]
+        )
+        by_block = defaultdict(list)
+        for row in rows:
+            by_block[(row["start"], row["metric"])].append(row)
+        for (start, metric), lanes in by_block.items():
+            sizes = np.array([len(lane["lanes"]) for lane in lanes], dtype=np.int64)
+            block = blocks.RollupBlock(
+                np.array([lane["worker"] for lane in lanes], dtype=np.int64),
+                np.cumsum(sizes) - sizes,
+                b"".join(lane["lanes"] for lane in lanes),
+            )
+            parts.append(_absolute(blocks.decode_rollup(block, metric, variants=variants), start, tier))
+    if not parts:
+        return empty()
+    rows = blocks.concatenate(parts)
+    first, last = low // tier.seconds, high // tier.seconds
+    return rows.take((rows.buckets >= first) & (rows.buckets < last))
 
 
-def _batches(todo: list[tuple], span: float):
-    """`todo` regions in batches covering at most `span` seconds in all (long ones cut)."""
-    batch, covered = [], 0.0
-    for company, worker, low, high in todo:
-        while low < high:
-            piece = min(high, low + span - covered)
-            batch.append((company, worker, low, piece))
-            covered += piece - low
-            low = piece
-            if covered >= span:
-                yield batch
-                batch, covered = [], 0.0
-    if batch:
-        yield batch
+def _absolute(rows: blocks.Aggregates, start: int, tier: Tier) -> blocks.Aggregates:
+    rows.buckets = rows.buckets + start // tier.seconds
+    return rows
 
 
-async def refresh(
-    conn: asyncpg.Connection, retention: Retention, *, lag: float, max_step: float = 86400.0
-) -> list[RefreshResult] | None:
-    """Bring every tier up to date (in steps of at most `max_step`); None when another
-    process or host is refreshing."""
-    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REFRESH_LOCK):
-        return None
-    try:
-        steps = []
-        while True:
-            step = await refresh_once(conn, retention, lag=lag, max_step=max_step)
-            steps.append(step)
-            if step.new_watermark - step.old_watermark < max_step:
-                return steps
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", REFRESH_LOCK)
+async def write(db, tier: Tier, company: str, rows: blocks.Aggregates) -> None:
+    """Store the rows (of one company, absolute buckets) as new blocks: one per metric and
+    period, each from its first bucket to its last."""
+    records = []
+    period_of = rows.buckets * tier.seconds // tier.period
+    for metric, period in sorted(set(zip(rows.metrics.tolist(), period_of.tolist()))):
+        mine = rows.take((rows.metrics == metric) & (period_of == period))
+        first = int(mine.buckets.min())
+        mine.buckets = mine.buckets - first
+        block = blocks.encode_rollup(mine)
+        records.append((
+            _epoch_time(first * tier.seconds), int(mine.buckets.max()) + 1, company, metric,
+            block.workers.tolist(), block.offsets.tolist(), block.data,
+        ))
+    if records:
+        await db.copy_records_to_table(
+            tier.table, columns=["start", "buckets", "company", "metric", "workers", "offsets", "data"], records=records
+        )
+
+
+async def replace(db, tier: Tier, company: str, workers: np.ndarray, low: int, high: int, fresh: blocks.Aggregates) -> None:
+    """In the company's blocks of the tier, the rows of `workers` (ids) in buckets [low, high)
+    (epoch seconds) become `fresh`. Every period touched is rewritten as one block per metric."""
+    for period in range(floor_to(low, tier.period), high, tier.period):
+        end = period + tier.period
+        in_period = (fresh.buckets * tier.seconds >= period) & (fresh.buckets * tier.seconds < end)
+        metrics = set(await _metrics_in(db, tier, company, period, end)) | set(fresh.metrics[in_period].tolist())
+        for metric in sorted(metrics):
+
+            def change(rows: blocks.Aggregates, metric=metric) -> blocks.Aggregates:
+                seconds = rows.buckets * tier.seconds
+                stale = np.isin(rows.workers, workers) & (seconds >= low) & (seconds < high)
+                return blocks.concatenate([rows.take(~stale), fresh.take(in_period & (fresh.metrics == metric))])
+
+            await _rewrite(db, tier, company, metric, period, change)
+
+
+async def merge(db, tier: Tier, company: str, metric: int, period: int) -> None:
+    """The period's blocks of that metric made one."""
+    await _rewrite(db, tier, company, metric, period, lambda rows: rows)
+
+
+async def _rewrite(db, tier: Tier, company: str, metric: int, period: int, change) -> None:
+    end = period + tier.period
+    rows = change(await read(db, tier, company, [metric], period, end, variants=tier.variants))
+    await db.execute(_DELETE_PERIOD.format(table=tier.table), company, metric, _epoch_time(period), _epoch_time(end))
+    if len(rows):
+        await write(db, tier, company, rows.take(np.lexsort((rows.buckets, rows.variants, rows.workers))))
+
+
+async def _metrics_in(db, tier: Tier, company: str, low: int, high: int) -> list[int]:
+    rows = await db.fetch(_METRICS_IN.format(table=tier.table), company, _epoch_time(low), _epoch_time(high))
+    return [row["metric"] for row in rows]
+
+
+async def fragmented(db, tier: Tier, before: int) -> list[asyncpg.Record]:
+    """Periods (company, metric, period start) holding several blocks, of periods starting before `before`."""
+    return await db.fetch(_FRAGMENTED.format(table=tier.table, period=tier.period), before)
+
+
+async def advance(db, lag: float, max_step: float) -> None:
+    """Move the watermark to the minute `lag` before now, at most `max_step` past what is
+    materialized (in a transaction of its own: it waits for the writer's batches in flight)."""
+    await db.execute(_ADVANCE, lag, max_step)
+
+
+async def progress(db) -> tuple[int, int]:
+    """(materialized, watermark), epoch seconds."""
+    materialized, watermark = await db.fetchrow(_PROGRESS)
+    return int(materialized), int(watermark)
+
+
+async def set_materialized(db, moment: int) -> None:
+    await db.execute(_MATERIALIZED, moment)
+
+
+async def take_invalidations(db) -> list[Invalidation]:
+    return [Invalidation(*row) for row in await db.fetch(_TAKE_INVALIDATIONS)]
+
+
+async def companies(db) -> list[str]:
+    return [row["id"] for row in await db.fetch(_COMPANIES)]
 
 
 async def invalidate_since(db, since: float) -> None:
@@ -495,6 +376,5 @@ async def drop_older_than(db, retention: Retention) -> int:
     """Drop each tier's chunks past its retention; returns the number of chunks dropped."""
     dropped = 0
     for tier in TIERS:
-        for table in (tier.stats, tier.activity):
-            dropped += await db.fetchval(_DROP_CHUNKS, table, retention.tier_days[tier.name])
+        dropped += await db.fetchval(_DROP_CHUNKS, tier.table, retention.tier_days[tier.name])
     return dropped

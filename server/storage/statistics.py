@@ -1,18 +1,30 @@
-"""SQL of the `worker_stats` hypertable and its `worker_metric_keys` index table.
+"""SQL of the raw reports the writer stores (`recent_reports`, `late_reports`) and of the
+`worker_metric_keys` index table.
 
-`worker_stats` holds one row per status report, its values as jsonb
-`{metric: {variant: value}}`; the `worker_stat_points` view (migrations) expands it
-into one point per value for Grafana.
+The writer stores one row per report: the worker's id, the layout of its values (their metrics
+and variants, storage/ids.py) and the values as one float8 array. Reports of hours already
+compacted (before `rollup_watermark.compacted`) go to `late_reports`, the others to
+`recent_reports`; compaction (storage/compaction.py) packs both into `report_blocks`.
 """
 
 
-# Parts of the batching writer's statement: `$2` is a jsonb array of metric keys to
-# upsert, `$3` one of report rows.
-REPORTS_INSERT = """
-INSERT INTO worker_stats (time, company, worker, task, metrics)
-SELECT to_timestamp(r.time), r.company, r.worker, r.task, r.metrics
-FROM jsonb_to_recordset($3::jsonb) AS r (
-    time double precision, company text, worker text, task text, metrics jsonb)
+# Parts of the batching writer's statement: `$2` is a jsonb array of metric keys to upsert;
+# $3..$8 one entry per report: time (epoch seconds), worker id, layout id, task, and where its
+# values lie (first and last, 1-based) in $9, every value of the batch. The watermark row is
+# read FOR SHARE (see migrations/004 and 006): moving `compacted` waits for this batch.
+REPORTS = """
+reports AS (
+    SELECT to_timestamp(r.time) AS time, r.worker, r.layout, r.task, ($9::float8[])[r.first:r.last] AS values
+    FROM unnest($3::float8[], $4::integer[], $5::integer[], $6::text[], $7::integer[], $8::integer[])
+        AS r (time, worker, layout, task, first, last)
+),
+marks AS (SELECT compacted FROM rollup_watermark FOR SHARE),
+recent AS (
+    INSERT INTO recent_reports (time, worker, layout, task, values)
+    SELECT r.* FROM reports AS r, marks AS m WHERE r.time >= m.compacted
+)
+INSERT INTO late_reports (time, worker, layout, task, values)
+SELECT r.* FROM reports AS r, marks AS m WHERE r.time < m.compacted
 """
 
 METRIC_KEYS_UPSERT = """
@@ -40,53 +52,18 @@ _METRIC_KEYS_OF_WORKERS = """
 SELECT DISTINCT metric FROM worker_metric_keys WHERE company = $1 AND worker = ANY($2::text[]) ORDER BY metric
 """
 
-# The start (epoch seconds) of the bucket of `$2` seconds holding {time}; buckets start at
-# multiples of the interval since the UNIX epoch. Shared by every part of a chart read.
-# (date_part is float8; extract(epoch ...) would be a slower numeric.)
-BUCKET_SECONDS = "date_part('epoch', time_bucket(make_interval(secs => $2), {time}, origin => 'epoch'::timestamptz))::bigint"
-
-# Parts of a chart read (storage/charts.py): raw reports in [{low}, {high}) of company $1,
-# as min, max, sum and count per worker, metric ($3), variant and bucket ...
-_STATS_PART = f"""
-SELECT s.worker, k.metric, {{variant}} AS variant, {BUCKET_SECONDS.format(time="s.time")} AS bucket,
-       min(x.value) AS min, max(x.value) AS max, sum(x.value) AS sum, count(*) AS count
-FROM worker_stats AS s
-CROSS JOIN LATERAL unnest($3::text[]) AS k (metric)
-CROSS JOIN LATERAL jsonb_each(s.metrics -> k.metric) AS v (variant, value)
-CROSS JOIN LATERAL (SELECT v.value::float8) AS x (value)
-WHERE s.company = $1 AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}}){{workers}}
-GROUP BY 1, 2, 3, 4
-"""
-
-# ... and as the workers seen per bucket, and whether each ran a task in it.
-_ACTIVITY_PART = f"""
-SELECT s.worker, {BUCKET_SECONDS.format(time="s.time")} AS bucket, bool_or(s.task <> '') AS busy
-FROM worker_stats AS s
-WHERE s.company = $1 AND s.time >= to_timestamp({{low}}) AND s.time < to_timestamp({{high}})
-GROUP BY 1, 2
-"""
-
-
-def stats_part(low: str, high: str, workers: str | None, split_by_variant: bool) -> str:
-    """`low`, `high` and `workers` (or None: every worker) are parameter placeholders."""
-    return _STATS_PART.format(
-        variant="v.variant" if split_by_variant else "NULL::text",
-        low=low,
-        high=high,
-        workers=f" AND s.worker = ANY({workers}::text[])" if workers else "",
-    )
-
-
-def activity_part(low: str, high: str) -> str:
-    return _ACTIVITY_PART.format(low=low, high=high)
-
-
 # Reports of company $1 timed in the last $2 seconds (not later: daemons' clocks may be ahead).
 _RECENT_REPORTS = """
-SELECT count(*) FROM worker_stats WHERE company = $1 AND time > now() - make_interval(secs => $2) AND time <= now()
+SELECT count(*) FROM recent_reports AS r JOIN stat_workers AS w ON w.id = r.worker
+WHERE w.company = $1 AND r.time > now() - make_interval(secs => $2) AND r.time <= now()
 """
 
-_DROP_CHUNKS = "SELECT count(*) FROM drop_chunks('worker_stats', older_than => now() - $1::double precision * interval '1 day')"
+# Raw reports past the retention: whole chunks of blocks (and of recent reports, should a
+# chunk have been left), and late reports not merged yet.
+_DROP_CHUNKS = """
+SELECT count(*) FROM drop_chunks($1::regclass, older_than => now() - $2::double precision * interval '1 day')
+"""
+_DELETE_OLD_LATE = "DELETE FROM late_reports WHERE time < now() - $1::double precision * interval '1 day'"
 _DELETE_STALE_KEYS = "DELETE FROM worker_metric_keys WHERE last_reported < now() - $1::double precision * interval '1 day'"
 
 
@@ -105,9 +82,12 @@ async def recent_reports(db, company: str, seconds: float) -> int:
 
 
 async def drop_older_than(db, days: float, keys_days: float) -> int:
-    """Drop raw report chunks older than `days`, and metric keys not reported for
-    `keys_days` (the longest any tier keeps them); returns the chunks dropped."""
+    """Drop raw reports older than `days`, and metric keys not reported for `keys_days` (the
+    longest any tier keeps them); returns the chunks dropped."""
     async with db.transaction():
-        dropped = await db.fetchval(_DROP_CHUNKS, days)
+        dropped = 0
+        for table in ("report_blocks", "recent_reports"):
+            dropped += await db.fetchval(_DROP_CHUNKS, table, days)
+        await db.execute(_DELETE_OLD_LATE, days)
         await db.execute(_DELETE_STALE_KEYS, keys_days)
     return dropped

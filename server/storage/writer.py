@@ -3,9 +3,10 @@
 Handlers hand each validated report to `ReportWriter.write`, which returns only once the
 transaction holding it has committed. One task, holding its own connection, takes up to
 `batch_size` queued reports (waiting `max_delay` for more when fewer are queued) and
-stores them with one statement: the registration upserts, the new metric keys and the
-report rows, each passed as one jsonb array, and the invalidation of rollups that reports
-behind their watermark make stale. A report that was answered 200 is therefore
+stores them with one statement: the registration upserts and the new metric keys (each
+passed as one jsonb array), the report rows (as arrays: storage/statistics.py), and the
+invalidation of rollups that reports behind their watermark make stale. Ids of workers and
+of report layouts are made once per process, before the first batch that needs them. A report that was answered 200 is therefore
 stored; one that was not stored is answered 503 (the daemon retries).
 
 Several such tasks (`connections`) take batches in turn, so that one batch is being built
@@ -30,6 +31,7 @@ from .. import errors
 from ..errors import ApiError
 from ..metrics import DATABASE_DOWN, NOT_STORED_IN_TIME, QUEUE_FULL, SHUTTING_DOWN, Metrics, count_database_error
 from . import registrations, rollups, statistics
+from .ids import Ids, layout_key
 from .db import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,8 @@ log = logging.getLogger(__name__)
 WRITE_BATCH = f"""
 WITH registrations AS ({registrations.REPORTS_UPSERT}),
      metric_keys AS ({statistics.METRIC_KEYS_UPSERT}),
-     late_reports AS ({rollups.LATE_REPORTS_LOG})
-{statistics.REPORTS_INSERT}
+     late_log AS ({rollups.LATE_REPORTS_LOG}),
+{statistics.REPORTS}
 """
 
 # A metric key's last_reported is refreshed at most this often (seconds). The writer
@@ -98,6 +100,7 @@ class ReportWriter:
         self._connections: list[asyncpg.Connection | None] = [None] * connections
         self._unavailable_until = 0.0
         self._known_keys: dict[tuple[str, str], tuple[float, frozenset]] = {}
+        self._ids = Ids()
         self._closing = False
         self._tasks: list[asyncio.Task] = []
         self._metrics = metrics
@@ -179,10 +182,12 @@ class ReportWriter:
 
     async def _store(self, slot: int, batch: list[tuple[Report, asyncio.Future]]) -> None:
         reports = [report for report, _ in batch]
-        parameters, written_keys = self._parameters(reports)
+        layouts = [layout_key(report.metrics) for report in reports]
         started = time.perf_counter()
         try:
             connection = await self._connect(slot)
+            await self._make_ids(connection, reports, layouts)
+            parameters, written_keys = self._parameters(reports, layouts)
             await connection.execute(WRITE_BATCH, *parameters, timeout=self._answer_timeout)
         except UNAVAILABLE_ERRORS as error:
             log.warning("database unavailable, %d reports answered 503: %r", len(batch), error)
@@ -208,8 +213,16 @@ class ReportWriter:
             self._metrics.commit_seconds.observe(time.perf_counter() - started)
             self._metrics.batch_size.observe(len(batch))
             self._metrics.reports_stored.inc(len(batch))
-    def _parameters(self, reports: list[Report]) -> tuple[tuple[str, str, str], dict]:
-        """WRITE_BATCH's three jsonb parameters, and the metric keys they write."""
+    async def _make_ids(self, connection: asyncpg.Connection, reports: list[Report], layouts: list[tuple]) -> None:
+        """Ids of the batch's workers and layouts that this process has not seen yet."""
+        ids = self._ids
+        workers = {(r.company, r.worker) for r in reports if ids.worker(r.company, r.worker) is None}
+        shapes = {(r.company, key) for r, key in zip(reports, layouts) if ids.layout(r.company, key) is None}
+        if workers or shapes:
+            await ids.make(connection, workers, shapes)
+
+    def _parameters(self, reports: list[Report], layouts: list[tuple]) -> tuple[tuple, dict]:
+        """WRITE_BATCH's parameters, and the metric keys they write."""
         registrations: dict[tuple[str, str], dict] = {}
         metric_keys: dict[tuple[str, str, str], float] = {}
         written: dict[tuple[str, str], tuple[float, frozenset]] = {}  # metric keys, as cached
@@ -253,6 +266,14 @@ class ReportWriter:
             for metric in new_metrics:
                 row = (report.company, report.worker, metric)
                 metric_keys[row] = max(report.time, metric_keys.get(row, 0.0))
+        values: list[float] = []
+        firsts, lasts = [], []
+        for report in reports:
+            firsts.append(len(values) + 1)
+            for variants in report.metrics.values():
+                values.extend(variants.values())
+            lasts.append(len(values))
+        ids = self._ids
         parameters = (
             orjson.dumps([registrations[key] for key in sorted(registrations)]).decode(),
             orjson.dumps(
@@ -261,7 +282,13 @@ class ReportWriter:
                     for (company, worker, metric), when in sorted(metric_keys.items())
                 ]
             ).decode(),
-            orjson.dumps(reports).decode(),
+            [report.time for report in reports],
+            [ids.worker(report.company, report.worker) for report in reports],
+            [ids.layout(report.company, key) for report, key in zip(reports, layouts)],
+            [report.task for report in reports],
+            firsts,
+            lasts,
+            [float(value) for value in values],
         )
         return parameters, written
 
