@@ -1,6 +1,7 @@
 """Connections to TimescaleDB and the migrations that shape it."""
 
 import asyncio
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -59,17 +60,29 @@ async def create_pool(dsn: str, *, statement_timeout: float = 30.0, connect_time
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
-    """`NNN_name.sql` files in version order."""
+    """`NNN_name.sql` and `NNN_name.py` files in version order. A Python migration is a
+    module with `async def migrate(conn)`: for data that SQL alone cannot convert."""
     found = []
-    for path in directory.glob("*.sql"):
+    for path in [*directory.glob("*.sql"), *directory.glob("*.py")]:
         version, _, _ = path.name.partition("_")
         if version.isdigit():
             found.append((int(version), path))
     return sorted(found)
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Apply the migrations not applied yet, each once and in its own transaction.
+async def _apply(conn: asyncpg.Connection, path: Path) -> None:
+    if path.suffix == ".sql":
+        await conn.execute(path.read_text())
+        return
+    spec = importlib.util.spec_from_file_location(f"migration_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    await module.migrate(conn)
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR, until: int | None = None) -> list[str]:
+    """Apply the migrations not applied yet (up to version `until`), each once and in its own
+    transaction.
 
     An advisory lock serialises servers that start together; the others wait, then find
     nothing left to do. Returns the names of the files applied.
@@ -86,10 +99,10 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
         )
         done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
         for version, path in migration_files(directory):
-            if version in done:
+            if version in done or (until is not None and version > until):
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text())
+                await _apply(conn, path)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name
                 )
