@@ -29,7 +29,7 @@ async def _database(app: web.Application):
         settings.db_dsn,
         connections=settings.writer_connections,
         batch_size=settings.writer_batch_size,
-        max_delay=settings.writer_max_delay_ms / 1000,
+        gather=settings.writer_gather_ms / 1000,
         queue_limit=settings.writer_queue_limit,
         answer_timeout=settings.writer_answer_timeout,
         metrics=app[METRICS],

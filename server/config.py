@@ -42,8 +42,8 @@ class Settings:
     rollup_10m_retention_days: float = 90.0
     rollup_1h_retention_days: float = 400.0
     retention_sweep_seconds: float = 3600.0
-    rollup_refresh_seconds: float = 30.0
-    rollup_lag_seconds: float = 60.0
+    rollup_refresh_seconds: float = 10.0
+    rollup_lag_seconds: float = 20.0
     rollup_refresh_nice: int = 10  # the refresher process's niceness: it yields the CPU to serving
     # Request handling
     max_body_bytes: int = 1024 * 1024
@@ -79,7 +79,7 @@ class Settings:
     # The batching writer of status reports
     writer_connections: int = 2
     writer_batch_size: int = 500
-    writer_max_delay_ms: float = 0.0
+    writer_gather_ms: float = 10.0
     writer_queue_limit: int = 10_000
     writer_answer_timeout: float = 10.0
 

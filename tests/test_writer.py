@@ -61,7 +61,7 @@ async def test_concurrent_reports_are_all_stored(client, db_conn):
 
 
 async def test_reports_of_one_worker_in_one_batch_merge_their_registration_updates(dsn, db_conn, company):
-    writer = ReportWriter(dsn, max_delay=0.2)
+    writer = ReportWriter(dsn, gather=0.2)
     await writer.start()
     moment = time.time()
     try:
@@ -112,7 +112,7 @@ async def test_metric_keys_are_written_when_new_and_refreshed_hourly(dsn, db_con
 
 
 async def test_a_report_the_database_rejects_does_not_fail_the_others(dsn, db_conn, company):
-    writer = ReportWriter(dsn, max_delay=0.2)
+    writer = ReportWriter(dsn, gather=0.2)
     await writer.start()
     moment = time.time()
     try:
@@ -184,7 +184,7 @@ async def test_a_connection_left_broken_answers_503_and_is_replaced(dsn, db_conn
 
 
 async def test_full_queue_answers_503(dsn, db_conn, company):
-    writer = ReportWriter(dsn, max_delay=0.5, queue_limit=2)
+    writer = ReportWriter(dsn, gather=0.5, queue_limit=2)
     await writer.start()
     moment = time.time()
     try:
@@ -201,7 +201,7 @@ async def test_full_queue_answers_503(dsn, db_conn, company):
 
 
 async def test_close_drains_accepted_reports(dsn, db_conn, company):
-    writer = ReportWriter(dsn, max_delay=1.0)
+    writer = ReportWriter(dsn, gather=1.0)
     await writer.start()
     moment = time.time()
     pending = [asyncio.create_task(writer.write(_report(company, f"w{i}", moment))) for i in range(50)]

@@ -2,7 +2,7 @@
 
 Handlers hand each validated report to `ReportWriter.write`, which returns only once the
 transaction holding it has committed. One task, holding its own connection, takes up to
-`batch_size` queued reports (waiting `max_delay` for more when fewer are queued) and
+`batch_size` queued reports (gathering them for up to `gather` while they keep arriving) and
 stores them with one statement: the registration upserts and the new metric keys (each
 passed as one jsonb array), the report rows (as arrays: storage/statistics.py), and the
 invalidation of rollups that reports behind their watermark make stale. Ids of workers and
@@ -10,9 +10,12 @@ of report layouts are made once per process, before the first batch that needs t
 stored; one that was not stored is answered 503 (the daemon retries).
 
 Several such tasks (`connections`) take batches in turn, so that one batch is being built
-and answered while another is in the database; a batch is taken as soon as a task is free
-(and up to `max_delay` later if set), so the batch size follows the load. Concurrent
-batches lock registrations in the same (sorted) order and cannot deadlock.
+and answered while another is in the database. A free task takes what is queued once
+`gather` has passed since the last batch was taken: while reports keep arriving (a fleet
+at its rate, one report every few milliseconds) a transaction stores several of them instead
+of each its own, which is most of what a report costs PostgreSQL; a report after a quiet
+spell is taken at once. Under a saturating load the batches grow up to `batch_size`.
+Concurrent batches lock registrations in the same (sorted) order and cannot deadlock.
 
 The queue is bounded, and while the database is unreachable writes fail at once with 503
 instead of queueing; the next write after `retry_delay` probes the database again.
@@ -83,7 +86,7 @@ class ReportWriter:
         *,
         connections: int = 2,
         batch_size: int = 500,
-        max_delay: float = 0.0,
+        gather: float = 0.01,
         queue_limit: int = 10_000,
         answer_timeout: float = 10.0,
         retry_delay: float = 1.0,
@@ -91,7 +94,8 @@ class ReportWriter:
     ):
         self._dsn = dsn
         self._batch_size = batch_size
-        self._max_delay = max_delay
+        self._gather = gather
+        self._last_taken = time.monotonic()  # as if a batch had just been taken: the first reports gather too
         self._queue_limit = queue_limit
         self._answer_timeout = answer_timeout
         self._retry_delay = retry_delay
@@ -165,8 +169,11 @@ class ReportWriter:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if len(self._queue) < self._batch_size and self._max_delay > 0 and not self._closing:
-                await asyncio.sleep(self._max_delay)
+            wait = self._last_taken + self._gather - time.monotonic()
+            if wait > 0 and len(self._queue) < self._batch_size and not self._closing:
+                await asyncio.sleep(wait)
+                continue  # another task may have taken the batch meanwhile
+            self._last_taken = time.monotonic()
             count = min(len(self._queue), self._batch_size)
             # A report already answered (timed out) is not stored: its sender will retry it.
             batch = [item for item in (self._queue.popleft() for _ in range(count)) if not item[1].done()]
