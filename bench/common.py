@@ -360,6 +360,26 @@ async def recreate_database(cluster_dsn: str, name: str) -> None:
         await conn.close()
 
 
+def run_server_command(dsn: str, *arguments: str, timeout: float = 7200) -> str:
+    """Run `python -m server ARGUMENTS` on database `dsn`; its standard output (exit on failure)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "server", *arguments],
+        cwd=ROOT, env={**os.environ, "WORKERS_DB_DSN": dsn}, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"python -m server {' '.join(arguments)} failed:\n{done.stderr.strip()[-3000:]}")
+    return done.stdout.strip()
+
+
+async def database_bytes(dsn: str) -> int:
+    """pg_database_size of the database `dsn` names."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT pg_database_size(current_database())")
+    finally:
+        await conn.close()
+
+
 def create_credentials(dsn: str, company: str, tree: Path = ROOT) -> dict[str, str]:
     """A new access key of the company (created if missing), by `tree`'s own code."""
     done = subprocess.run(
@@ -403,6 +423,24 @@ def login(server: ServerProcess, access_key: str, secret_key: str) -> tuple[str,
 
 
 # ------------------------------------------------------------------------- output
+
+
+def commit_of(tree: Path = ROOT) -> str:
+    """`tree`'s commit (git rev-parse HEAD), or why there is none."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return head.stdout.strip() if head.returncode == 0 else f"{tree} (not a git checkout)"
+
+
+def uncommitted_files(tree: Path = ROOT) -> list[str]:
+    """The tracked files of `tree` that differ from its commit."""
+    status = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True).stdout  # fmt: skip
+    return [line[3:] for line in status.splitlines() if line.strip()]
+
+
+def cores() -> int:
+    """The cores this process may run on, as nproc counts them."""
+    return len(os.sched_getaffinity(0))
 
 
 def mib(kib: int) -> str:
