@@ -57,6 +57,7 @@ import time
 import urllib.parse
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -100,7 +101,9 @@ POSTGRES_SAMPLE_SECONDS = 0.05  # how often PostgreSQL's processes are attribute
 RATE_MARGIN = 10  # the company's reports/s limit: this many times the fleet's rate
 CHART_RANGE = 3600
 CHART_INTERVAL = 15  # what the fleet page asks for 1 h (300 points, rounded up to a nice step)
+CATCH_UP_SECONDS = 2  # after the reader's calls, before a quiet stretch begins
 LATE_SEND_MS = 50  # a send's p99 lateness beyond this: the fleet did not keep its schedule
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 NO_ANSWER, SKIPPED = 0, -1  # statuses of a report that got no answer, of a slot never sent
 
 TARGET_CPU_US = 200
@@ -242,7 +245,16 @@ class Read:
     interval: float | None  # seconds between the answer's dates
     workers: int | None = None  # series of workers answered (get_stats)
     error: str = ""
-    cpu: tuple[float, float] = (math.nan, math.nan)  # CPU seconds of the server, of PostgreSQL, during the call
+
+
+@dataclass
+class Quiet:
+    """A stretch of a reader period without reads: from CATCH_UP_SECONDS after the reader's
+    calls (the reports they held up are stored by then) to its next calls."""
+
+    at: float  # monotonic
+    seconds: float
+    cpu: tuple[float, ...]  # CPU seconds of the server, of PostgreSQL (this database), in it
 
 
 FLEET_CHART = "fleet chart"
@@ -263,31 +275,40 @@ CpuProbe = Callable[[], tuple[float, float]]  # CPU seconds used so far by the s
 
 
 async def keep_reading(
-    client: ApiClient, probe: CpuProbe, start: float, period: float, stop_at: float, reads: list[Read]
-) -> None:
+    client: ApiClient, probe: CpuProbe, start: float, period: float, stop_at: float, reads: list[Read],
+    quiet: list[Quiet],
+) -> None:  # fmt: skip
+    """The charts every `period` from `start` until `stop_at`, and the quiet stretches between."""
     at = start
     while at < stop_at:
         await asyncio.sleep(max(0.0, at - time.monotonic()))
         for name, endpoint, body in chart_reads(int(time.time())):
-            reads.append(await timed_read(client, probe, name, endpoint, body))
+            reads.append(await timed_read(client, name, endpoint, body))
         at += period
+        if at >= stop_at:
+            break
+        await asyncio.sleep(CATCH_UP_SECONDS)
+        began, before = time.monotonic(), probe()
+        if began < at:
+            await asyncio.sleep(at - began)
+            used = tuple(after - earlier for after, earlier in zip(probe(), before))
+            quiet.append(Quiet(began, time.monotonic() - began, used))
 
 
-async def timed_read(client: ApiClient, probe: CpuProbe, name: str, endpoint: str, body: dict) -> Read:
-    at, before = time.monotonic(), probe()
+async def timed_read(client: ApiClient, name: str, endpoint: str, body: dict) -> Read:
+    at = time.monotonic()
     try:
         ms, status, content = await client.call(endpoint, body)
     except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         return Read(name, at, (time.monotonic() - at) * 1000, None, error=repr(error))
-    cpu = tuple(after - earlier for after, earlier in zip(probe(), before))
     answer = orjson.loads(content)
     if status != 200:
-        return Read(name, at, ms, None, error=f"{status}: {answer.get('meta', {}).get('result_msg')}", cpu=cpu)
+        return Read(name, at, ms, None, error=f"{status}: {answer.get('meta', {}).get('result_msg')}")
     data = answer["data"]
     if endpoint == "workers.get_stats":
         dates = data["workers"][0]["metrics"][0]["dates"] if data["workers"] else []
-        return Read(name, at, ms, date_spacing(dates), workers=len(data["workers"]), cpu=cpu)
-    return Read(name, at, ms, date_spacing(data["total"]["dates"]), cpu=cpu)
+        return Read(name, at, ms, date_spacing(dates), workers=len(data["workers"]))
+    return Read(name, at, ms, date_spacing(data["total"]["dates"]))
 
 
 def date_spacing(dates: list[int]) -> float | None:
@@ -359,6 +380,11 @@ class PostgresCpu:
                 self.roles[pid], self.last[pid] = role, used
         self.ended |= self.last.keys() - set(alive)
 
+    def counted(self) -> float:
+        """CPU seconds of this database's and the background processes, as last sampled (an
+        ended process keeps its last sample)."""
+        return sum(used for pid, used in self.last.items() if self.roles[pid] in (THIS_DATABASE, BACKGROUND))
+
     def shares(self, total_last: float) -> tuple[dict[str, float], float]:
         """CPU seconds since start() by role, and the part of them shared out as ended processes'."""
         shares, ended = defaultdict(float), defaultdict(float)
@@ -407,7 +433,8 @@ class Snapshot:
     server: float
     server_pids: list[int]
     refresher: float | None
-    postgres: float | None
+    postgres: float | None  # the whole cluster
+    postgres_counted: float | None  # PostgresCpu.counted()
     fleet: float | None
     bench: float
     machine_busy: float
@@ -423,6 +450,7 @@ class Measured:
     lags: list[float]
     notes: list[str]  # what could not be measured
     reads: list[Read]
+    quiet: list[Quiet]
     postgres_shares: dict[str, float]  # by role (PostgresCpu)
     postgres_unseen: float  # of which shared out as the ended processes'
     refresher_pid: int | None
@@ -437,14 +465,15 @@ class Meters:
         server_pids, refresher = serve_processes(self.server)
         if first:
             self.refresher_pid = refresher
-        postgres = None
+        postgres = counted = None
         if self.postgres is not None:
             postgres = self.postgres.start() if first else self.postgres.total()
+            counted = self.postgres.counted()
         busy, total = machine_cpu_seconds()
         return Snapshot(
             at=time.monotonic(), wall=time.time(), server=total_cpu(server_pids), server_pids=server_pids,
             refresher=cpu_seconds(self.refresher_pid) if self.refresher_pid else None, postgres=postgres,
-            fleet=cpu_seconds(self.fleet_pid), bench=own_cpu(), machine_busy=busy, machine_total=total,
+            postgres_counted=counted, fleet=cpu_seconds(self.fleet_pid), bench=own_cpu(), machine_busy=busy, machine_total=total,
             load=load_average(), database_bytes=await self.conn.fetchval("SELECT pg_database_size(current_database())"),
         )  # fmt: skip
 
@@ -486,9 +515,10 @@ async def measure(args, server: ServerProcess, dsn: str, token: str, start: floa
         server_pids, _ = serve_processes(server)
 
         def probe() -> tuple[float, float]:
-            return total_cpu(server_pids), postgres.total() if postgres is not None else math.nan
+            return total_cpu(server_pids), postgres.counted() if postgres is not None else math.nan
 
-        reading = asyncio.create_task(keep_reading(reader, probe, start, args.reader_period, window_end, reads))
+        quiet: list[Quiet] = []
+        reading = asyncio.create_task(keep_reading(reader, probe, start, args.reader_period, window_end, reads, quiet))
         meters = Meters(server, postgres, fleet_pid, conn)
         await asyncio.sleep(max(0.0, window_start - time.monotonic()))
         first = await meters.snapshot(first=True)
@@ -503,7 +533,7 @@ async def measure(args, server: ServerProcess, dsn: str, token: str, start: floa
         notes = [lag_note] if lag_note else []
         if postmaster is None:
             notes.append("PostgreSQL's CPU not measured: its cluster does not run on this machine")
-        return Measured(first, last, lags, notes, reads, shares, unseen, meters.refresher_pid)
+        return Measured(first, last, lags, notes, reads, quiet, shares, unseen, meters.refresher_pid)
     finally:
         await reader.close()
         await conn.close()
@@ -515,8 +545,9 @@ async def stored_rows(dsn: str, company: str, low_ms: int, high_ms: int) -> int 
     conn = await asyncpg.connect(dsn)
     try:
         return await conn.fetchval(
-            "SELECT count(*) FROM worker_stats WHERE company = $1 AND time >= to_timestamp($2) AND time < to_timestamp($3)",
-            company, low_ms / 1000, high_ms / 1000, timeout=COUNT_TIMEOUT,
+            "SELECT count(*) FROM worker_stats WHERE company = $1 AND time >= $2 AND time < $3",
+            company, EPOCH + timedelta(milliseconds=low_ms), EPOCH + timedelta(milliseconds=high_ms),
+            timeout=COUNT_TIMEOUT,
         )  # fmt: skip
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError, asyncio.TimeoutError):
         return None
@@ -537,31 +568,32 @@ def percentile(values: list[float], fraction: float) -> float:
 
 @dataclass
 class ReadCost:
-    """The window's reads, and the CPU they cost: what the server and PostgreSQL used during
-    them beyond what the ingest uses in as long (its rate outside the reads). An estimate:
-    PostgreSQL's includes other databases' work during the reads."""
+    """What the window's reads cost: the CPU of the server and PostgreSQL (this database)
+    over the window, less what the ingest alone uses in as long, measured in the window's
+    quiet stretches. An estimate: the ingest is steady, the reads are not."""
 
     pairs: int  # fleet charts (each with its activity report)
-    seconds: float  # of the window spent reading
+    quiet_seconds: float
     server: float
     postgres: float
 
 
 def read_cost(measured: Measured, seconds: float) -> ReadCost:
     first, last = measured.first, measured.last
-    reads = [read for read in measured.reads if first.at <= read.at < last.at and not math.isnan(read.cpu[0])]
-    busy = sum(read.ms for read in reads) / 1000
-    outside = seconds - busy
+    quiet = [stretch for stretch in measured.quiet if first.at <= stretch.at and stretch.at + stretch.seconds <= last.at]
+    quiet_seconds = sum(stretch.seconds for stretch in quiet)
 
-    def beyond_rate(during: float, whole: float | None) -> float:
-        return math.nan if whole is None or outside <= 0 else during - (whole - during) / outside * busy
+    def beyond_ingest(whole: float | None, part: int) -> float:
+        if whole is None or quiet_seconds <= 0:
+            return math.nan
+        return whole - sum(stretch.cpu[part] for stretch in quiet) / quiet_seconds * seconds
 
-    postgres_whole = None if first.postgres is None or last.postgres is None else last.postgres - first.postgres
+    counted = None if first.postgres_counted is None else last.postgres_counted - first.postgres_counted
     return ReadCost(
         pairs=len(window_reads(measured, FLEET_CHART)),
-        seconds=busy,
-        server=beyond_rate(sum(read.cpu[0] for read in reads), last.server - first.server),
-        postgres=beyond_rate(sum(read.cpu[1] for read in reads), postgres_whole),
+        quiet_seconds=quiet_seconds,
+        server=beyond_ingest(last.server - first.server, 0),
+        postgres=beyond_ingest(counted, 1),
     )
 
 
@@ -587,6 +619,11 @@ class Results:
         return math.nan if seconds is None or not self.stored else seconds / self.stored * 1e6
 
 
+def window_ms(measured: Measured) -> tuple[int, int]:
+    """The window in wall-clock milliseconds, as the reports' timestamps are."""
+    return int(measured.first.wall * 1000), int(measured.last.wall * 1000)
+
+
 def window_slots(sent: list[Sent], measured: Measured) -> list[Sent]:
     return [slot for slot in sent if measured.first.at <= slot.due < measured.last.at]
 
@@ -610,7 +647,7 @@ def cpu_used(measured: Measured) -> dict[str, float | None]:
 def results_of(sent: list[Sent], measured: Measured, stored_database: int | None) -> Results:
     slots = window_slots(sent, measured)
     answered = [slot for slot in slots if slot.status != SKIPPED]
-    low_ms, high_ms = measured.first.wall * 1000, measured.last.wall * 1000
+    low_ms, high_ms = window_ms(measured)
     return Results(
         seconds=measured.last.at - measured.first.at,
         due=len(slots),
@@ -655,7 +692,8 @@ def print_setup(args, tree: Path, dsn: str, registered_s: float, measured: Measu
     print(f"SOAK: {args.workers:,} workers x one report per {args.period:g} s ({rate:,.1f} reports/s offered), "
           f"{args.minutes:g} min measured after {args.warmup:g} s of warm-up; {args.processes} server process(es); "
           f"a reader every {args.reader_period:g} s")  # fmt: skip
-    print(f"  code: {checkout_of(tree)}")
+    print(f"  server: {checkout_of(tree)}")
+    print(f"  fleet, reader and measuring: {checkout_of(ROOT)}")
     print(f"  database: {dsn}")
     print(f"  machine: {cores()} cores; load average at the window's start {measured.first.load}, "
           f"at its end {measured.last.load}")  # fmt: skip
@@ -712,8 +750,8 @@ def print_cpu(results: Results, measured: Measured) -> None:
               f"{measured.postgres_unseen:,.1f} s used by processes after their last sample (shared as the "
               f"ended processes' CPU)")  # fmt: skip
     reads = results.reads
-    print(f"  the reads ({reads.pairs} fleet charts and activity reports, {reads.seconds:,.1f} s of the window), "
-          f"beyond the ingest's rate: server {reads.server:,.1f} s, PostgreSQL {reads.postgres:,.1f} s, "
+    print(f"  the reads ({reads.pairs} fleet charts and activity reports; the ingest alone measured in "
+          f"{reads.quiet_seconds:,.0f} s of quiet stretches): server {reads.server:,.1f} s, PostgreSQL {reads.postgres:,.1f} s, "
           f"{(reads.server + reads.postgres) / reads.pairs * 1000 if reads.pairs else math.nan:,.0f} ms per pair; "
           f"{results.per_report_us(reads.server + reads.postgres):,.0f} µs per stored report (estimated); "
           f"the sum without them {results.per_report_us(without_reads(results)):,.0f} µs")  # fmt: skip
@@ -909,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_fleet(fleet)
         server.stop()
     sent = [Sent(*slot) for slot in plain]
-    stored = asyncio.run(stored_rows(dsn, company, int(measured.first.wall * 1000), int(measured.last.wall * 1000)))
+    stored = asyncio.run(stored_rows(dsn, company, *window_ms(measured)))
     results = results_of(sent, measured, stored)
 
     print_setup(args, tree, dsn, registered_s, measured)
