@@ -648,7 +648,7 @@ def print_storage(parts: list[Part], workers: int, sent: Sent, growth: int, empt
     return daily
 
 
-def print_tiers(parts: list[Part], daily: dict, sent: Sent, growth: int) -> None:
+def print_tiers(parts: list[Part], daily: dict, sent: Sent, growth: int, workers: int) -> None:
     by_table = {part.table: part for part in parts}
     blocks_part = by_table["report_blocks"]
     packed = packed_values(parts, sent)
@@ -668,12 +668,27 @@ def print_tiers(parts: list[Part], daily: dict, sent: Sent, growth: int) -> None
           f"{size_text(rollup_daily)} per worker-day ({' + '.join(size_text(daily[tier.table]) for tier in TIERS)})"
           f" -- target <= {size_text(TARGET_ROLLUPS)} per worker-day: "
           f"{met(rollup_daily <= TARGET_ROLLUPS)}")  # fmt: skip
+    rollup_live = sum(live_daily(by_table[tier.table], workers) for tier in TIERS)
     print(f"    of which free space inside the tables: {size_text(rollup_free)} (left by the refresh's rewrites of "
-          f"blocks; later writes reuse it); without it {size_text(rollup_daily * (1 - rollup_free / rollup_bytes))} "
-          f"per worker-day")  # fmt: skip
+          f"blocks; later writes reuse it); without it: {size_text(rollup_live)} per worker-day")  # fmt: skip
     print(f"  all tiers: the database grew {size_text(growth)}, {growth / sent.values:.3f} B/value sent (the tables "
           f"above: {tables / sent.values:.3f}) -- target <= {TARGET_ALL:g} B/value: "
           f"{met(growth / sent.values <= TARGET_ALL)}")  # fmt: skip
+    kept = growth - import_leftovers(parts)
+    print(f"    less what the import left behind (late_reports' empty index, the free space inside the tables: "
+          f"{size_text(growth - kept)}): {size_text(kept)}, {kept / sent.values:.3f} B/value sent")  # fmt: skip
+
+
+def live_daily(part: Part, workers: int) -> float:
+    """Bytes per worker-day less the free space inside the table."""
+    return per_worker_day(part.bytes - part.sizes.free, part.held_seconds, workers) or 0.0
+
+
+def import_leftovers(parts: list[Part]) -> int:
+    """Space that a bulk import leaves and later writes reuse: the free space inside the
+    tables, and an emptied late_reports' index."""
+    emptied = sum(part.bytes - part.sizes.free for part in parts if part.table == "late_reports" and part.rows == 0)
+    return emptied + sum(part.sizes.free for part in parts)
 
 
 def breakdown_line(name: str, values: int | None, size: int, found: Breakdown, sent_share="", rest="") -> None:
@@ -733,55 +748,63 @@ def print_timings(timings: list[Timing], worker: str, values_per_report: float) 
     print(f"  {_POINTS_BOUNDED}\n  {_POINTS_VIEW}\n  {_ROLLUP_10M}")
 
 
-def full_period_daily(parts: list[Part], daily: dict, full_periods: dict, workers: int) -> dict[str, float]:
-    """Each rollup tier's bytes per worker-day had its blocks covered whole periods: the
-    measured figure less the packed data that whole periods would not have needed."""
-    by_table = {part.table: part for part in parts}
+def estimated_daily(parts: list[Part], full_periods: dict, workers: int) -> dict[str, float]:
+    """Each tier's bytes per worker-day in service, estimated: without the free space inside
+    the table (later writes reuse it), and for a rollup tier, less the packed data its blocks
+    would not need had they covered whole periods."""
     estimate = {}
-    for table, (real, estimated) in full_periods.items():
-        saved = per_worker_day(real - estimated, by_table[table].held_seconds, workers) or 0.0
-        estimate[table] = (daily[table] or 0.0) - saved
+    for part in parts:
+        real, whole = full_periods.get(part.table, (0, 0))
+        saved = per_worker_day(real - whole, part.held_seconds, workers) or 0.0
+        estimate[part.table] = live_daily(part, workers) - saved
     return estimate
+
+
+def cells(sizes) -> str:
+    return " ".join(f"{size_text(size):>13}" for size in sizes)
+
+
+def projection_row(name: str, per_day: float, days: float, chunk_days: float, estimate: float) -> np.ndarray:
+    """Prints a tier's line; returns its sizes: 200, 2,000 workers, 2,000 with one chunk
+    more, then the estimate's 200 and 2,000."""
+    measured = np.array([200 * days, 2000 * days, 2000 * (days + chunk_days)]) * per_day
+    estimated = np.array([200 * days, 2000 * days]) * estimate
+    retention = f"{days:g} d" if days >= 1 else f"{days * 24:g} h"
+    print(f"  {name:<20} {size_text(per_day):>11} {retention:>9} {cells(measured)} {size_text(estimate):>13} "
+          f"{cells(estimated)}")  # fmt: skip
+    return np.concatenate([measured, estimated])
 
 
 def print_projection(parts: list[Part], daily: dict, full_periods: dict, chunk_days: dict, workers: int) -> None:
     settings = Settings()
-    estimate = {**daily, **full_period_daily(parts, daily, full_periods, workers)}
+    estimate = estimated_daily(parts, full_periods, workers)
     lines = [("raw: report_blocks", "report_blocks", settings.raw_retention_days)]
     lines += [(f"rollup {tier.name}", tier.table, settings.retention.tier_days[tier.name]) for tier in TIERS]
-    print("\nPROJECTION at the default retention (server.config.Settings), from the bytes per worker-day measured "
-          "above, at this period")  # fmt: skip
-    print(f"  {'tier':<20} {'/worker-day':>11} {'retention':>9} {'200 workers':>12} {'2,000 workers':>14} "
-          f"{'2,000 + one chunk':>18}   full periods (estimate): /worker-day, 2,000 workers")  # fmt: skip
-    totals, estimated_total = np.zeros(3), 0.0
+    print("\nPROJECTION at the default retention (server.config.Settings), from the bytes per worker-day above, at "
+          "this period; the estimate: without the free space inside the tables, and the rollup blocks as whole "
+          "periods")  # fmt: skip
+    print(f"  {'':<20} {'measured:':>11} {'':>9} {'':>13} {'':>13} {'2,000 workers':>13} {'estimate:':>13}")
+    print(f"  {'tier':<20} {'/worker-day':>11} {'retention':>9} {'200 workers':>13} {'2,000 workers':>13} "
+          f"{'+ one chunk':>13} {'/worker-day':>13} {'200 workers':>13} {'2,000 workers':>13}")  # fmt: skip
+    totals = np.zeros(5)
     for name, table, days in lines:
-        per_day = daily[table] or 0.0
-        sizes = np.array([200 * days, 2000 * days, 2000 * (days + chunk_days[table])]) * per_day
-        totals += sizes
-        estimated_total += 2000 * days * estimate[table]
-        full = estimate[table]
-        aside = "" if table == "report_blocks" else f"   {size_text(full)}, {size_text(2000 * days * full)}"
-        print(f"  {name:<20} {size_text(per_day):>11} {days:>7g} d {size_text(sizes[0]):>12} {size_text(sizes[1]):>14} "
-              f"{size_text(sizes[2]):>18}{aside}")  # fmt: skip
+        totals += projection_row(name, daily[table] or 0.0, days, chunk_days[table], estimate[table])
     open_hour = next(part for part in parts if part.table == "recent_reports")
     per_worker = open_hour.bytes / workers * HOUR / open_hour.held_seconds if open_hour.held_seconds else 0.0
-    sizes = np.array([200, 2000, 2000]) * per_worker
-    totals += sizes
-    estimated_total += sizes[1]
-    print(f"  {'raw: the open hour':<20} {'-':>11} {'1 h':>9} {size_text(sizes[0]):>12} {size_text(sizes[1]):>14} "
-          f"{size_text(sizes[2]):>18}   (as rows: {size_text(per_worker)} a worker)")  # fmt: skip
-    print(f"  {'all':<20} {'':>11} {'':>9} {size_text(totals[0]):>12} {size_text(totals[1]):>14} "
-          f"{size_text(totals[2]):>18}   {'':>9}  {size_text(estimated_total)}")  # fmt: skip
+    # An hour of rows per worker, whatever the retention: as a day's worth over 1/24 of a day.
+    totals += projection_row("raw: the open hour", per_worker * 24, 1 / 24, 0.0, per_worker * 24)
+    print(f"  {'all':<20} {'':>11} {'':>9} {cells(totals[:3])} {'':>13} {cells(totals[3:])}")
     shown = ", ".join(f"{table} {chunk_days[table]:g} d" for _, table, _ in lines)
     print(f"  + one chunk: retention drops whole chunks, so a tier holds up to one chunk interval more ({shown}).")
-    print("  Full periods: a rollup block spans its tier's period (1m: an hour, 10m: a day, 1h: a week); a shorter "
-          "history fills it in part, so each worker's lanes carry their fixed cost (the sequences' headers) over "
-          "fewer buckets than in service. The estimate re-encodes each period's rows repeated until the period is "
-          "full (blocks.encode_rollup) and takes off the packed bytes that saves; table overhead and free space stay "
-          "as measured. Not counted: the dictionaries and catalogs (above).")  # fmt: skip
+    print("  The open hour: rows, an hour a worker whatever the retention (its /worker-day: as if kept a day). "
+          "Whole periods: a rollup block spans its tier's period (1m: an hour, 10m: a day, 1h: a week); a shorter "
+          "history fills it in part, each worker's lanes carrying their fixed cost (the sequences' headers) over "
+          "fewer buckets than in service. Each period's rows are re-encoded repeated until the period is full "
+          "(blocks.encode_rollup):")  # fmt: skip
     for tier in TIERS:
-        real, estimated = full_periods[tier.table]
-        print(f"    {tier.table}: data {size_text(real)} as stored, {size_text(estimated)} as whole periods")
+        real, whole = full_periods[tier.table]
+        print(f"    {tier.table}: data {size_text(real)} as stored, {size_text(whole)} as whole periods")
+    print("  Not counted: the dictionaries and catalogs (above).")
 
 
 # ------------------------------------------------------------------------- main
@@ -883,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     sent, parts, state = found["sent"], found["parts"], found["state"]
     print_load(sent, seconds, imported, refreshes, found["left"], found["stored"])
     daily = print_storage(parts, args.workers, sent, growth, empty)
-    print_tiers(parts, daily, sent, growth)
+    print_tiers(parts, daily, sent, growth, args.workers)
     blocks_part = next(part for part in parts if part.table == "report_blocks")
     print_breakdown(found["breakdown"], blocks_part.packed, packed_values(parts, sent), sent)
     print_checks(found["checks"])
