@@ -15,8 +15,9 @@ history in another one), and in it:
    with `python -m server import`. A history loaded before with the same options,
    migrations and generator, ending less than --days ago, is reused and topped up to now;
    else (or with --reload) the database is dropped and loaded afresh;
-2. brings the rollups up to date with `python -m server rollups refresh --since START`
-   (START: the history's start, or the end of the reused one), VACUUM ANALYZE (what
+2. brings the rollups up to date and packs the reports with `python -m server rollups
+   refresh --since START` (START: the history's start, or the end of the reused one; it
+   rolls up, then compacts: hours of reports into report_blocks), VACUUM ANALYZE (what
    autovacuum does to settled data), then tops the history up to now once more and
    refreshes that too: the rollups end a minute or so (the refresh's lag) before the
    history, so the end of every read comes from raw rows after the watermark, as in service;
@@ -26,10 +27,17 @@ history in another one), and in it:
    of --runs; a read slower than 2 s runs once): get_stats of the fleet (24 h @ 600 s), of
    one worker (4 metrics, 24 h @ 120 s), of ten workers (1 h @ 40 s), get_activity_report
    (24 h @ 600 s), and with --days 7 or more the fleet over 7 days @ 3600 s; and the SQL
-   of every Grafana panel (bench/grafana_sql.py) over 24 h with asyncpg, beside the same
-   SQL reading raw reports in place of each rollup view. The two paths' answers are
-   compared whole;
-5. prints the load, the storage of every tier, and the results table.
+   of every Grafana panel (bench/grafana_sql.py) over 24 h with asyncpg, as Grafana sends
+   it (the dashboards call the rollup functions bounded by their time range, e.g.
+   worker_metric_rollup_10m(since, until)), beside its raw-only counterpart: the same SQL
+   with each call replaced by the same aggregation of worker_stat_points(since, until).
+   Raw points are decoded in PL/pgSQL (about 2.4 µs a value), so a fleet panel's
+   counterpart reads only the last 2 hours of the window (FLEET_RAW_WINDOW); a worker's
+   panel, the whole 24 h. The HTTP answers are compared whole, a panel's on the rows of its
+   raw-only window whose buckets closed before the watermark's hour;
+5. prints the load, the storage of every table (raw: report_blocks, recent_reports,
+   late_reports; the rollup tiers rollup_1m, rollup_10m, rollup_1h; the dictionaries), and
+   the results table.
 
 Exit status 1 when any answer differs between the two paths, or any read fails.
 """
@@ -78,7 +86,17 @@ RAW_READ_TIMEOUT = 900  # seconds: the raw-only server's read timeout, and the c
 # Grafana asks for range / max data points (about 1,000 for a wide panel) and rounds it:
 # 24 h gives 86 s, which it rounds to 1 m.
 GRAFANA_INTERVAL = 60
-HYPERTABLES = ("worker_stats", "stats_1m", "stats_10m", "stats_1h", "activity_1m", "activity_10m", "activity_1h")
+# The statistics' tables (migrations/006_compact_storage.sql), as printed: raw reports, the
+# rollup tiers, the dictionaries.
+RAW_TABLES = ("report_blocks", "recent_reports", "late_reports")
+ROLLUP_TABLES = ("rollup_1m", "rollup_10m", "rollup_1h")
+DICTIONARIES = ("stat_workers", "stat_metrics", "report_layouts")
+STATISTICS_TABLES = (*RAW_TABLES, *ROLLUP_TABLES, *DICTIONARIES)
+HYPERTABLES = ("report_blocks", "recent_reports", *ROLLUP_TABLES)  # the others are plain tables
+# A fleet panel's raw-only counterpart decodes every value of every worker (about 2.4 µs a
+# value in PL/pgSQL: minutes for 200 workers over 24 h), so it reads this much of the end of
+# the panel's window only; a worker-detail panel's reads the whole window.
+FLEET_RAW_WINDOW = 2 * 3600
 
 # ------------------------------------------------------------------------- the database
 
@@ -87,7 +105,8 @@ def migrations_digest() -> str:
     """Of the migrations, and of the code that generates the history."""
     digest = hashlib.sha256()
     generator = [ROOT / "bench" / "history.py", ROOT / "server" / "demo.py"]
-    for path in [*sorted((ROOT / "migrations").glob("*.sql")), *generator]:
+    migrations = sorted(path for path in (ROOT / "migrations").glob("*") if path.suffix in (".sql", ".py"))
+    for path in [*migrations, *generator]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -250,11 +269,11 @@ def catch_up(dsn: str, history: History) -> None:
 
 
 async def vacuum_analyze(dsn: str) -> float:
-    """VACUUM ANALYZE every hypertable (what autovacuum does to settled data); seconds taken."""
+    """VACUUM ANALYZE every statistics table (what autovacuum does to settled data); seconds taken."""
     began = time.monotonic()
     conn = await asyncpg.connect(dsn)
     try:
-        for table in HYPERTABLES:
+        for table in STATISTICS_TABLES:
             await conn.execute(f"VACUUM ANALYZE {table}", timeout=3600)
     finally:
         await conn.close()
@@ -262,28 +281,45 @@ async def vacuum_analyze(dsn: str) -> float:
 
 
 async def storage(dsn: str) -> dict[str, int]:
-    """Bytes of every hypertable, chunks and indexes included."""
+    """Bytes of every statistics table, indexes and TOAST included (a hypertable's: all its chunks')."""
     conn = await asyncpg.connect(dsn)
     try:
-        return {table: await conn.fetchval("SELECT hypertable_size($1::regclass)", table) for table in HYPERTABLES}
+        return {table: await conn.fetchval(_table_size(table), table) for table in STATISTICS_TABLES}
     finally:
         await conn.close()
+
+
+def _table_size(table: str) -> str:
+    size = "hypertable_size" if table in HYPERTABLES else "pg_total_relation_size"
+    return f"SELECT coalesce({size}($1::regclass), 0)"
 
 
 async def database_facts(dsn: str, company: str) -> dict[str, object]:
     conn = await asyncpg.connect(dsn)
     try:
-        watermark = await conn.fetchval("SELECT extract(epoch FROM watermark)::float8 FROM rollup_watermark")
+        watermark, compacted = await conn.fetchrow(
+            "SELECT extract(epoch FROM watermark)::float8, extract(epoch FROM compacted)::float8 FROM rollup_watermark"
+        )
         return {
             "postgres": await conn.fetchval("SHOW server_version"),
             "timescaledb": await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"),
             "shared_buffers": await conn.fetchval("SHOW shared_buffers"),
             "watermark": watermark,
+            "compacted": compacted,
             "pending": await conn.fetchval("SELECT count(*) FROM rollup_invalidations"),
-            "reports": await conn.fetchval("SELECT count(*) FROM worker_stats WHERE company = $1", company),
+            "reports": await conn.fetchval(_REPORTS_OF_COMPANY, company),
         }
     finally:
         await conn.close()
+
+
+# Counted where they are stored: the worker_stats view would decode every block.
+_REPORTS_OF_COMPANY = """
+SELECT (SELECT coalesce(sum(b.reports), 0) FROM report_blocks AS b JOIN stat_workers AS w ON w.id = b.worker
+        WHERE w.company = $1)
+     + (SELECT count(*) FROM recent_reports AS r JOIN stat_workers AS w ON w.id = r.worker WHERE w.company = $1)
+     + (SELECT count(*) FROM late_reports AS r JOIN stat_workers AS w ON w.id = r.worker WHERE w.company = $1)
+"""
 
 
 # ------------------------------------------------------------------------- reads
@@ -297,6 +333,7 @@ class Read:
     body: dict = field(default_factory=dict)
     sql: str = ""  # ... or a Grafana panel's SQL, and its raw-only counterpart
     raw_sql: str = ""
+    raw_since: float = 0.0  # epoch seconds: the raw-only counterpart reads from here on (0: the whole window)
 
 
 @dataclass
@@ -316,6 +353,7 @@ class Result:
     rollups: Timing
     raw: Timing | None  # None: no raw-only counterpart
     differences: list[str] = field(default_factory=list)
+    compared_rows: int | None = None  # a panel's: how many rows of the rollups' answer were compared
 
     @property
     def failed(self) -> bool:
@@ -426,37 +464,56 @@ def _equal(got, want, relative: float) -> bool:
 
 # ------------------------------------------------------------------------- Grafana panels
 
-# The rollup views (migrations/004_rollups.sql) computed from the raw reports, same columns:
-# a panel's raw-only counterpart reads these in their place.
-_RAW_VIEWS = {
+# The rollup functions (migrations/006_compact_storage.sql) computed from the raw points of
+# worker_stat_points(since, until), same columns: a panel's raw-only counterpart reads these in
+# their place. (worker_activity counts a worker's reports as the distinct times of its points:
+# every report of the benchmark's history carries values.)
+_RAW_ROLLUPS = {
     "worker_metric_rollup": """SELECT time_bucket('{width}', time) AS time, company, worker, category, metric,
        min(value) AS min, max(value) AS max, avg(value) AS avg, sum(value) AS sum, count(*) AS count
-FROM worker_stat_points GROUP BY 1, 2, 3, 4, 5""",
+FROM worker_stat_points({since}, {until}) GROUP BY 1, 2, 3, 4, 5""",
     "worker_stat_rollup": """SELECT time_bucket('{width}', time) AS time, company, worker, category, metric, variant,
        min(value) AS min, max(value) AS max, avg(value) AS avg, sum(value) AS sum, count(*) AS count
-FROM worker_stat_points GROUP BY 1, 2, 3, 4, 5, 6""",
-    "worker_activity": """SELECT time_bucket('{width}', time) AS time, company, worker, count(*)::integer AS reports,
+FROM worker_stat_points({since}, {until}) GROUP BY 1, 2, 3, 4, 5, 6""",
+    "worker_activity": """SELECT time_bucket('{width}', time) AS time, company, worker, count(DISTINCT time) AS reports,
        coalesce(bool_or(task <> ''), false) AS busy
-FROM worker_stats GROUP BY 1, 2, 3""",
+FROM worker_stat_points({since}, {until}) GROUP BY 1, 2, 3""",
 }
+# Like the functions, only the buckets that start between the two times: the first one whole.
+_RAW_ROLLUP = "(SELECT * FROM ({query}) AS buckets WHERE time BETWEEN {since} AND {until})"
 _WIDTHS = {"1m": "1 minute", "10m": "10 minutes", "1h": "1 hour"}
-_ROLLUP_VIEW = re.compile(r"\b(worker_metric_rollup|worker_stat_rollup|worker_activity)_(1m|10m|1h)\b(\s+AS\s+\w+)?", re.I)
+_ROLLUP_NAME = re.compile(r"\b(worker_metric_rollup|worker_stat_rollup|worker_activity)_(1m|10m|1h)\b", re.I)
+# A call of a rollup function as Grafana sends it: its two times are literals.
+_ROLLUP_CALL = re.compile(_ROLLUP_NAME.pattern + r"\s*\(\s*('[^']*')\s*,\s*('[^']*')\s*\)(\s+AS\s+\w+)?", re.I)
+# The worker-detail dashboard's variable: a panel that uses it charts one worker.
+_WORKER_VARIABLE = re.compile(r"\$worker\b|\$\{worker\b|\[\[worker\b")
 
 
-def raw_panel_sql(sql: str) -> str:
-    """A panel's SQL with every rollup view replaced by the same aggregation of the raw reports."""
+def raw_panel_sql(sql: str, since: str | None = None) -> str:
+    """A panel's SQL with every call of a rollup function replaced by the same aggregation of
+    the raw points between the same two times, or from `since` (an SQL literal) on."""
 
-    def raw_view(match: re.Match) -> str:
-        query = _RAW_VIEWS[match[1].lower()].format(width=_WIDTHS[match[2].lower()])
-        return f"({query})" + (match[3] or f" AS {match[0]}")
+    def raw_rollup(match: re.Match) -> str:
+        name, tier = match[1].lower(), match[2].lower()
+        low, high = since or match[3], match[4]
+        query = _RAW_ROLLUPS[name].format(width=_WIDTHS[tier], since=low, until=high)
+        return _RAW_ROLLUP.format(query=query, since=low, until=high) + (match[5] or f" AS {name}_{tier}")
 
-    return _ROLLUP_VIEW.sub(raw_view, sql)
+    left = _ROLLUP_NAME.search(_ROLLUP_CALL.sub("", sql))
+    if left:
+        raise ValueError(f"{left[0]} is not called with two literal times: no raw-only counterpart")
+    return _ROLLUP_CALL.sub(raw_rollup, sql)
 
 
-def settled_rows(rows: list[tuple], before: datetime) -> list[tuple]:
-    """A panel's rows (time first) of the buckets before `before`, in a fixed order: the
-    rollup views hold only buckets that closed before the watermark."""
-    return sorted((row for row in rows if row[0] < before), key=lambda row: tuple(map(str, row)))
+def _sql_time(moment: float) -> str:
+    return f"'{datetime.fromtimestamp(moment, timezone.utc).isoformat()}'"
+
+
+def compared_rows(rows: list[tuple], since: datetime, before: datetime) -> list[tuple]:
+    """A panel's rows (time first) of the buckets from `since` (where the raw-only counterpart's
+    window starts) to `before` (the rollups hold only buckets that closed before the
+    watermark), in a fixed order."""
+    return sorted((row for row in rows if since <= row[0] < before), key=lambda row: tuple(map(str, row)))
 
 
 def grafana_reads(company: str, worker: str, to_date: float) -> tuple[list[Read], str]:
@@ -476,8 +533,18 @@ def grafana_reads(company: str, worker: str, to_date: float) -> tuple[list[Read]
                 interval_seconds=GRAFANA_INTERVAL,
                 variables={"company": company, "worker": worker},
             )
-            reads.append(Read(f"grafana {dashboard_name}: {title}", 100, sql=expanded, raw_sql=raw_panel_sql(expanded)))
+            one_worker = bool(_WORKER_VARIABLE.search(sql))
+            reads.append(panel_read(f"grafana {dashboard_name}: {title}", expanded, one_worker, to_date))
     return reads, "" if reads else "no Grafana panels found"
+
+
+def panel_read(name: str, sql: str, one_worker: bool, to_date: float) -> Read:
+    """A panel's read: its SQL, and its raw-only counterpart over the panel's whole window
+    (one worker), or over its last FLEET_RAW_WINDOW seconds (the fleet)."""
+    if one_worker:
+        return Read(name, 100, sql=sql, raw_sql=raw_panel_sql(sql))
+    since = to_date - FLEET_RAW_WINDOW
+    return Read(name, 100, sql=sql, raw_sql=raw_panel_sql(sql, _sql_time(since)), raw_since=since)
 
 
 # ------------------------------------------------------------------------- servers
@@ -518,11 +585,14 @@ async def run_reads(args, history: History, dsn: str, servers: dict[str, ServerP
         for read, timing in zip(panels, sql_served):
             log(f"raw-only: {read.name}")
             raw = await time_sql(conn, read.raw_sql, args.runs)
-            found = []
+            result = Result(read, timing, raw)
             if not (timing.error or raw.error):
-                got, want = settled_rows(timing.answer, settled_before), settled_rows(raw.answer, settled_before)
-                found = list(differences(got, want, relative=AVG_TOLERANCE))
-            results.append(Result(read, timing, raw, found))
+                since = EPOCH + timedelta(seconds=read.raw_since)
+                got = compared_rows(timing.answer, since, settled_before)
+                want = compared_rows(raw.answer, since, settled_before)
+                result.differences = list(differences(got, want, relative=AVG_TOLERANCE))
+                result.compared_rows = len(got)
+            results.append(result)
         return results, note
     finally:
         await conn.close()
@@ -547,21 +617,26 @@ def print_setup(args, history: History, facts: dict, load_note: str, refresh_s: 
     print(f"  rollups refresh (python -m server rollups refresh --since): {refresh_s:,.1f} s; VACUUM ANALYZE {vacuum_s:,.1f} s")
     lag = history.end - facts["watermark"]
     print(f"  reads end at the history's end (now); the rollups' watermark is {lag:,.0f} s before it")
+    packed = datetime.fromtimestamp(facts["compacted"], timezone.utc)
+    print(f"  reports before {packed:%Y-%m-%d %H:%M} UTC packed in report_blocks (compacted), later ones in recent_reports")
     if facts["pending"]:
         print(f"  WARNING: {facts['pending']} rollup invalidation(s) pending as the reads began (another process "
               f"refreshing?): the rollup path reads raw reports from their start on")  # fmt: skip
 
 
 def print_storage(sizes: dict[str, int], history: History) -> None:
-    span_days = (history.end - history.start) / DAY
+    worker_days = history.workers * (history.end - history.start) / DAY
     print()
-    print("STORAGE (hypertable_size: chunks, indexes, TOAST)")
-    print(f"  {'table':<14}{'total':>14}{'per worker-day':>18}")
+    print("STORAGE (indexes and TOAST included: hypertable_size of a hypertable, pg_total_relation_size of a table)")
+    print(f"  {'table':<16}{'total':>14}{'per worker-day':>18}")
     for table, size in sizes.items():
-        per_worker_day = size / history.workers / span_days
-        print(f"  {table:<14}{_mb(size):>14}{per_worker_day / 1e3:>15,.1f} kB")
-    rollups = sum(size for table, size in sizes.items() if table != "worker_stats")
-    print(f"  {'all rollups':<14}{_mb(rollups):>14}{rollups / history.workers / span_days / 1e3:>15,.1f} kB")
+        _print_size(table, size, worker_days)
+    _print_size("raw", sum(sizes[table] for table in RAW_TABLES), worker_days)
+    _print_size("all rollups", sum(sizes[table] for table in ROLLUP_TABLES), worker_days)
+
+
+def _print_size(name: str, size: int, worker_days: float) -> None:
+    print(f"  {name:<16}{_mb(size):>14}{size / worker_days / 1e3:>15,.1f} kB")
 
 
 def _ms(timing: Timing | None, runs: int) -> str:
@@ -585,9 +660,18 @@ def print_results(results: list[Result], runs: int) -> None:
             ratio = f"{speedup:.1f}x" if speedup < 10 else f"{speedup:,.0f}x"
         met = "-" if rollups.error else "yes" if rollups.median_ms <= result.read.target_ms else "NO"
         equal = "-" if raw is None else "ERROR" if result.failed and not result.differences else "NO" if result.differences else "yes"
+        if result.compared_rows is not None:
+            equal += f" ({result.compared_rows:,} rows)"
         target = f"<= {result.read.target_ms:g}"
-        print(f"  {result.read.name:<58}{_ms(rollups, runs):>12}{_ms(raw, runs):>14}{ratio:>13}{target:>9}  {met:<5} {equal}")
+        name = result.read.name + (" †" if result.read.raw_since else "")
+        print(f"  {name:<58}{_ms(rollups, runs):>12}{_ms(raw, runs):>14}{ratio:>13}{target:>9}  {met:<5} {equal}")
     print(f"  * fewer runs: a run slower than {SLOW_RUN_SECONDS:g} s is not repeated")
+    if any(result.read.sql for result in results):
+        print("  Grafana panels: over 24 h; compared on the rows of buckets that closed before the watermark's hour")
+    if any(result.read.raw_since for result in results):
+        print(f"  † raw-only over the last {FLEET_RAW_WINDOW / 3600:g} h of the 24 h window only (a fleet panel's "
+              f"raw reads decode every worker's values, ~2.4 µs each), compared on those rows; raw/rollups "
+              f"sets {FLEET_RAW_WINDOW / 3600:g} h raw against 24 h of rollups")  # fmt: skip
     for result in results:
         for timing, path in ((result.rollups, "rollups"), (result.raw, "raw-only")):
             if timing is not None and timing.error:
