@@ -185,15 +185,23 @@ async def _from_raw(conn, tier: Tier, low: int, high: int, workers) -> Aggregate
 
 
 def _grouped(todo: list[tuple]) -> dict[tuple[str, int, int], list[str] | None]:
-    """Regions (company, worker or None, low, high) by (company, low, high): their workers
-    (ALL: every worker of the company)."""
-    grouped: dict[tuple[str, int, int], list[str] | None] = defaultdict(list)
+    """Regions (company, worker or None, low, high) gathered, per company, into spans of
+    overlapping regions and their workers (ALL: every worker of the company), so that
+    a span of many workers (a bulk import) is rebuilt once, not once per worker."""
+    by_company: dict[str, list[tuple[int, int, str | None]]] = defaultdict(list)
     for company, worker, low, high in todo:
-        key = (company, int(low), int(high))
-        if worker is None:
-            grouped[key] = ALL
-        elif grouped[key] is not ALL:
-            grouped[key].append(worker)
+        by_company[company].append((int(low), int(high), worker))
+    grouped: dict[tuple[str, int, int], list[str] | None] = {}
+    for company, regions in by_company.items():
+        regions.sort(key=lambda region: region[:2])
+        low, high, workers = regions[0][0], regions[0][1], set()
+        for region_low, region_high, worker in regions:
+            if region_low > high:
+                grouped[(company, low, high)] = None if ALL in workers else sorted(workers)
+                low, high, workers = region_low, region_high, set()
+            high = max(high, region_high)
+            workers.add(worker)
+        grouped[(company, low, high)] = None if ALL in workers else sorted(workers)
     return grouped
 
 

@@ -112,7 +112,13 @@ WHERE b.company = $1 AND b.metric = ANY($2::integer[])
 
 _DELETE_PERIOD = "DELETE FROM {table} WHERE company = $1 AND metric = $2 AND start >= $3 AND start < $4"
 
-_METRICS_IN = "SELECT DISTINCT metric FROM {table} WHERE company = $1 AND start >= $2 AND start < $3"
+# The blocks of company $1 holding buckets in [$2, $3) (epoch seconds) of any of workers $4.
+_HOLDING = """
+SELECT tableoid, ctid, extract(epoch FROM start)::bigint AS start, metric, workers, offsets, data FROM {table}
+WHERE company = $1 AND start > to_timestamp($2) - make_interval(secs => {period}) AND start < to_timestamp($3)
+  AND start + buckets * make_interval(secs => {seconds}) > to_timestamp($2) AND workers && $4::integer[]
+"""
+_DELETE_BLOCK = "DELETE FROM {table} WHERE tableoid = $1 AND ctid = $2"
 
 # (company, metric, period start) of every period holding more than one block, and their
 # count, among the periods that start before $1 (epoch seconds).
@@ -300,19 +306,22 @@ async def write(db, tier: Tier, company: str, rows: blocks.Aggregates) -> None:
 
 async def replace(db, tier: Tier, company: str, workers: np.ndarray, low: int, high: int, fresh: blocks.Aggregates) -> None:
     """In the company's blocks of the tier, the rows of `workers` (ids) in buckets [low, high)
-    (epoch seconds) become `fresh`. Every period touched is rewritten as one block per metric."""
-    for period in range(floor_to(low, tier.period), high, tier.period):
-        end = period + tier.period
-        in_period = (fresh.buckets * tier.seconds >= period) & (fresh.buckets * tier.seconds < end)
-        metrics = set(await _metrics_in(db, tier, company, period, end)) | set(fresh.metrics[in_period].tolist())
-        for metric in sorted(metrics):
-
-            def change(rows: blocks.Aggregates, metric=metric) -> blocks.Aggregates:
-                seconds = rows.buckets * tier.seconds
-                stale = np.isin(rows.workers, workers) & (seconds >= low) & (seconds < high)
-                return blocks.concatenate([rows.take(~stale), fresh.take(in_period & (fresh.metrics == metric))])
-
-            await _rewrite(db, tier, company, metric, period, change)
+    (epoch seconds) become `fresh`: the blocks holding such rows are rewritten without them,
+    and `fresh` is added as new blocks (compaction merges a period's blocks later)."""
+    rows = await db.fetch(
+        _HOLDING.format(table=tier.table, seconds=tier.seconds, period=tier.period),
+        company, low, high, [int(worker) for worker in workers],
+    )  # fmt: skip
+    for row in rows:
+        block = blocks.RollupBlock(np.array(row["workers"], dtype=np.int64), np.array(row["offsets"], dtype=np.int64), row["data"])
+        kept = _absolute(blocks.decode_rollup(block, row["metric"], variants=tier.variants), row["start"], tier)
+        seconds = kept.buckets * tier.seconds
+        kept = kept.take(~(np.isin(kept.workers, workers) & (seconds >= low) & (seconds < high)))
+        await db.execute(_DELETE_BLOCK.format(table=tier.table), row["tableoid"], row["ctid"])
+        if len(kept):
+            await write(db, tier, company, kept)
+    if len(fresh):
+        await write(db, tier, company, fresh)
 
 
 async def merge(db, tier: Tier, company: str, metric: int, period: int) -> None:
@@ -326,11 +335,6 @@ async def _rewrite(db, tier: Tier, company: str, metric: int, period: int, chang
     await db.execute(_DELETE_PERIOD.format(table=tier.table), company, metric, _epoch_time(period), _epoch_time(end))
     if len(rows):
         await write(db, tier, company, rows.take(np.lexsort((rows.buckets, rows.variants, rows.workers))))
-
-
-async def _metrics_in(db, tier: Tier, company: str, low: int, high: int) -> list[int]:
-    rows = await db.fetch(_METRICS_IN.format(table=tier.table), company, _epoch_time(low), _epoch_time(high))
-    return [row["metric"] for row in rows]
 
 
 async def fragmented(db, tier: Tier, before: int) -> list[asyncpg.Record]:
