@@ -28,6 +28,7 @@ HOUR = 3600
 GRACE_SECONDS = 300  # reports up to this late after their hour still reach recent_reports
 WORKERS_PER_SLICE = 100  # an hour of this many workers is packed at a time: bounded memory
 LATE_PER_PASS = 200_000  # late reports merged per transaction
+EMPTIED_LATE = 10_000  # after merging this many late reports, late_reports is truncated when empty
 MAX_BLOCKS = 12  # of a period not closed yet
 
 _MOVE_COMPACTED = """
@@ -87,6 +88,8 @@ async def compact(conn: asyncpg.Connection) -> CompactionResult:
         result.late += len(taken)
         if len(taken) < LATE_PER_PASS:
             break
+    if result.late >= EMPTIED_LATE:
+        await _give_back_late(conn)
     for tier in TIERS:
         for row in await rollups.fragmented(conn, tier, materialized):
             if row["period"] + tier.period <= materialized or row["blocks"] >= MAX_BLOCKS:
@@ -94,6 +97,16 @@ async def compact(conn: asyncpg.Connection) -> CompactionResult:
                     await rollups.merge(conn, tier, row["company"], row["metric"], row["period"])
                 result.merged += 1
     return result
+
+
+async def _give_back_late(conn) -> None:
+    """After many late reports (a bulk import of history), give late_reports' space back:
+    its index keeps its pages however many rows are deleted. Only while it is empty, which
+    is checked holding a lock that keeps writers out until the truncation commits."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE late_reports IN ACCESS EXCLUSIVE MODE")
+        if not await conn.fetchval("SELECT EXISTS (SELECT FROM late_reports)"):
+            await conn.execute("TRUNCATE late_reports")
 
 
 async def _pack_hour(conn, hour: int) -> None:

@@ -30,6 +30,7 @@ from .blocks import COMBINED, Aggregates
 from .rollups import FINEST, TIERS, Invalidation, Retention, Tier, floor_to
 
 SLICE_SECONDS = 3600  # the fleet's raw reports are rolled up an hour at a time: bounded memory
+MAX_ROWS = 2_000_000  # rebuilt rows held before they are stored
 ALL = None  # every worker
 
 
@@ -169,12 +170,24 @@ class Refresher:
                 workers = np.array(sorted(chosen), dtype=np.int64)
                 if not len(workers):
                     continue
-                step = max(SLICE_SECONDS, tier.seconds)
-                for slice_low in range(low, high, step):
-                    slice_high = min(high, slice_low + step)
-                    fresh = await _from_raw(conn, tier, slice_low, slice_high, workers)
-                    await rollups.replace(conn, tier, company, workers, slice_low, slice_high, fresh)
+                await self._replace(conn, tier, company, workers, low, high)
         return count
+
+    async def _replace(self, conn, tier: Tier, company: str, workers: np.ndarray, low: int, high: int) -> None:
+        """The tier's rows of `workers` in [low, high) rebuilt from the raw reports: read an
+        hour at a time, stored a period at a time (or sooner, past MAX_ROWS), so that a long
+        rebuild (a bulk import) writes each period once rather than once per hour."""
+        step = max(SLICE_SECONDS, tier.seconds)
+        fresh: list[Aggregates] = []
+        held, since = 0, low
+        for slice_low in range(low, high, step):
+            slice_high = min(high, slice_low + step)
+            rows = await _from_raw(conn, tier, slice_low, slice_high, workers)
+            fresh.append(rows)
+            held += len(rows)
+            if slice_high == high or slice_high % tier.period == 0 or held > MAX_ROWS:
+                await rollups.replace(conn, tier, company, workers, since, slice_high, aggregate.concatenate(fresh))
+                fresh, held, since = [], 0, slice_high
 
 
 async def _from_raw(conn, tier: Tier, low: int, high: int, workers) -> Aggregates:

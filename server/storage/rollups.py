@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import asyncpg
 import numpy as np
 
-from . import blocks
+from . import aggregate, blocks
 from .aggregate import empty
 
 REFRESH_LOCK = 0x574B5255  # an arbitrary advisory lock key: one refresher at a time
@@ -121,9 +121,12 @@ WHERE company = $1 AND start > to_timestamp($2) - make_interval(secs => {period}
 _DELETE_BLOCK = "DELETE FROM {table} WHERE tableoid = $1 AND ctid = $2"
 
 # (company, metric, period start) of every period holding more than one block, and their
-# count, among the periods that start before $1 (epoch seconds).
+# count, among the periods that start before $1 (epoch seconds). Periods start at multiples
+# of their length since the epoch, as floor_to counts them (time_bucket's weeks would start
+# on Mondays).
 _FRAGMENTED = """
-SELECT company, metric, extract(epoch FROM time_bucket(make_interval(secs => {period}), start))::bigint AS period,
+SELECT company, metric,
+       extract(epoch FROM time_bucket(make_interval(secs => {period}), start, origin => 'epoch'))::bigint AS period,
        count(*) AS blocks
 FROM {table} WHERE start < to_timestamp($1)
 GROUP BY 1, 2, 3 HAVING count(*) > 1
@@ -288,6 +291,7 @@ async def write(db, tier: Tier, company: str, rows: blocks.Aggregates) -> None:
     """Store the rows (of one company, absolute buckets) as new blocks: one per metric and
     period, each from its first bucket to its last."""
     records = []
+    rows = aggregate.sort(rows)  # a block's order: by worker, variant, bucket
     period_of = rows.buckets * tier.seconds // tier.period
     for metric, period in sorted(set(zip(rows.metrics.tolist(), period_of.tolist()))):
         mine = rows.take((rows.metrics == metric) & (period_of == period))
@@ -334,7 +338,7 @@ async def _rewrite(db, tier: Tier, company: str, metric: int, period: int, chang
     rows = change(await read(db, tier, company, [metric], period, end, variants=tier.variants))
     await db.execute(_DELETE_PERIOD.format(table=tier.table), company, metric, _epoch_time(period), _epoch_time(end))
     if len(rows):
-        await write(db, tier, company, rows.take(np.lexsort((rows.buckets, rows.variants, rows.workers))))
+        await write(db, tier, company, rows)
 
 
 async def fragmented(db, tier: Tier, before: int) -> list[asyncpg.Record]:
