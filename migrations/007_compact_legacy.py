@@ -11,6 +11,7 @@ every report and every rollup row, then the legacy tables dropped.
 """
 
 import json
+import struct
 
 import numpy as np
 import orjson
@@ -21,6 +22,7 @@ from server.storage.codec import value_scales
 from server.storage.ids import Ids, layout_key
 
 WORKERS_AT_ONCE = 50
+FLOAT8_OID = 701
 ROWS_AT_ONCE = 200_000
 
 _WORKERS = "SELECT DISTINCT company, worker FROM legacy_worker_stats"
@@ -41,6 +43,13 @@ LEGACY_TABLES = (
     "legacy_worker_stats", "legacy_stats_1m", "legacy_stats_10m", "legacy_stats_1h",
     "legacy_activity_1m", "legacy_activity_10m", "legacy_activity_1h",
 )
+
+
+def _packed(values: list[float]) -> bytes:
+    """A float8 array in PostgreSQL's binary form (what raw.ROW reads with array_send)."""
+    if not values:
+        return struct.pack(">iii", 0, 0, FLOAT8_OID)
+    return struct.pack(">iiiii", 1, 0, FLOAT8_OID, len(values), 1) + b"".join(struct.pack(">id", 8, v) for v in values)
 
 
 def _metrics(text: str) -> dict:
@@ -73,7 +82,7 @@ async def _reports(conn, ids: Ids) -> None:
             points = await raw.rows_to_points(conn, [
                 {"worker": ids.worker(company, row["worker"]), "micros": row["micros"], "task": row["task"],
                  "layout": ids.layout(company, layout_key(metrics)),
-                 "values": [float(value) for variants in metrics.values() for value in variants.values()]}
+                 "packed": _packed([float(value) for variants in metrics.values() for value in variants.values()])}
                 for row, metrics in reports
             ])  # fmt: skip
             await raw.replace_blocks(conn, raw.worker_hours(points))

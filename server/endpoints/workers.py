@@ -4,6 +4,8 @@ import time
 from collections import defaultdict
 from datetime import datetime
 
+import numpy as np
+
 from .. import errors, limits, schemas
 from ..errors import ApiError
 from ..keys import LIMITS, POOL, WRITER
@@ -243,7 +245,7 @@ async def get_stats(call: Call) -> dict:
             entry["dates"] = dates
             entry["stats"] = [
                 # 0 where the worker did not report (SPEC §2, as the reference server answers)
-                {"aggregation": aggregation, "values": [0 if value is None else value for value in values[aggregation]]}
+                {"aggregation": aggregation, "values": np.nan_to_num(values[aggregation], nan=0.0).tolist()}
                 for aggregation in aggregations[metric]
             ]
             metrics.append(entry)

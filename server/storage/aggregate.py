@@ -115,17 +115,20 @@ def _exact_sums(values: np.ndarray, scales: np.ndarray, starts: np.ndarray) -> t
     return group_scale, np.where(group_scale >= 0, sums, 0)
 
 
-def aggregate(points: Points, seconds: int, variants: bool = True, metrics: np.ndarray | None = None) -> Aggregates:
+def aggregate(
+    points: Points, seconds: int, variants: bool = True, metrics: np.ndarray | None = None, exact: bool = True
+) -> Aggregates:
     """Each metric's values per worker and bucket of `seconds` (with `variants`, per variant
     too), and the reports per worker and bucket as the ACTIVITY pseudo-metric. `metrics`:
-    only these (and no activity)."""
+    only these (and no activity). Without `exact`, sums are floats only (a chart's read:
+    only stored rollups need their sums exact)."""
     keep = np.ones(len(points.values), dtype=bool) if metrics is None else np.isin(points.metrics, metrics)
     values = points.values[keep]
     reports = points.reports[keep]
     metric = points.metrics[keep]
     worker = points.report_workers[reports]
     bucket = points.report_times[reports] // (seconds * 1_000_000)
-    scales = value_scales(values)
+    scales = value_scales(values) if exact else np.full(len(values), -1, dtype=np.int64)
     parts = [_aggregate([metric, worker, bucket], np.full(len(values), COMBINED), values, scales)]
     if variants:
         # A scalar's only variant is its row over all variants: kept once (see `split`).

@@ -10,6 +10,7 @@ value is a row of its own with count 1; for activity, a worker seen in a bucket)
 statement aggregates per bucket, so each bucket is exact whichever sources serve it.
 """
 
+import asyncio
 import math
 from dataclasses import dataclass
 
@@ -116,23 +117,35 @@ def _timeout() -> ApiError:
     )
 
 
-async def _rows(conn, company: str, pieces: list[Segment], interval: int, metrics, workers, variants: bool) -> Aggregates:
-    """Every segment's rows per bucket of `interval`, combined (a bucket several segments
-    serve is made one row)."""
-    parts = []
+async def _fetch(conn, company: str, pieces: list[Segment], metrics, workers) -> list:
+    """Each segment's data as read (raw reports, or a tier's blocks); `_rows` decodes them."""
+    fetched = []
     for piece in pieces:
-        low, high = piece.low, piece.high
         if piece.source == RAW:
-            points = await raw.read(conn, _micros(low), _micros(high), workers)
+            fetched.append(await raw.fetch(conn, _micros(piece.low), _micros(piece.high), workers))
+        else:
+            wanted = [ACTIVITY] if metrics is None else metrics
+            tier = _tier(piece.source)
+            fetched.append(await rollups.fetch(conn, tier, company, wanted, int(piece.low), int(piece.high), workers))
+    return fetched
+
+
+def _rows(pieces: list[Segment], fetched: list, interval: int, metrics, variants: bool) -> Aggregates:
+    """Every segment's rows per bucket of `interval`, combined (a bucket several segments
+    serve is made one row). CPU work only: run in a thread, so that the event loop goes on
+    answering status reports meanwhile."""
+    parts = []
+    for piece, data in zip(pieces, fetched):
+        if piece.source == RAW:
+            points = raw.points(data)
             if metrics is None:
                 parts.append(aggregate.activity(points, interval))
             else:
-                rows = aggregate.aggregate(points, interval, variants=variants, metrics=metrics)
+                rows = aggregate.aggregate(points, interval, variants=variants, metrics=metrics, exact=False)
                 parts.append(aggregate.split(rows) if variants else rows.take(rows.variants == COMBINED))
         else:
             tier = _tier(piece.source)
-            wanted = [ACTIVITY] if metrics is None else metrics
-            rows = await rollups.read(conn, tier, company, wanted, int(low), int(high), workers, variants=variants)
+            rows = rollups.decode(data, tier, int(piece.low), int(piece.high), variants)
             rows = aggregate.split(rows) if variants else rows.take(rows.variants == COMBINED)
             parts.append(aggregate.combine(rows, interval // tier.seconds))
     return aggregate.combine(aggregate.concatenate(parts)) if parts else aggregate.empty()
@@ -152,9 +165,9 @@ async def _read(pool, read):
         raise _timeout() from None
 
 
-# Per series (worker, metric, variant or None): "min", "max" and "avg" lists, one value per
-# bucket asked for (None where the series has no report in the bucket).
-Series = dict[tuple[str, str, str | None], dict[str, list]]
+# Per series (worker, metric, variant or None): "min", "max" and "avg", one value per bucket
+# asked for (NaN where the series has no report in the bucket).
+Series = dict[tuple[str, str, str | None], dict[str, np.ndarray]]
 
 
 async def stats(
@@ -176,38 +189,44 @@ async def stats(
         workers = [known_workers[w] for w in worker_ids if w in known_workers] if worker_ids else list(known_workers.values())
         metric_ids = await ids.metrics_by_name(conn, company, metrics)
         if not workers or not metric_ids:
-            return {}
-        rows = await _rows(conn, company, pieces, interval, list(metric_ids.values()), workers, split_by_variant)
+            return None
+        return known_workers, metric_ids, await _fetch(conn, company, pieces, list(metric_ids.values()), workers)
+
+    found = await _read(pool, read)
+    if found is None:
+        return {}
+    known_workers, metric_ids, fetched = found
+
+    def compute() -> Series:
+        rows = _rows(pieces, fetched, interval, list(metric_ids.values()), split_by_variant)
         names = {worker_id: name for name, worker_id in known_workers.items()}
         return _series(rows, buckets[0] // interval, len(buckets), names, {i: n for n, i in metric_ids.items()}, split_by_variant)
 
-    return await _read(pool, read)
+    return await asyncio.to_thread(compute)
 
 
 def _series(rows: Aggregates, first: int, count: int, worker_names, metric_names, split: bool) -> Series:
-    """Rows as one list per series and aggregation, over the buckets asked for."""
-    keep = (rows.buckets >= first) & (rows.buckets < first + count)
-    rows = rows.take(keep)
-    result: Series = {}
+    """Rows as one row of a grid per series and aggregation, over the buckets asked for."""
+    rows = rows.take((rows.buckets >= first) & (rows.buckets < first + count))
     if not len(rows):
-        return result
-    order = np.lexsort((rows.buckets, rows.variants, rows.metrics, rows.workers))
-    rows = rows.take(order)
+        return {}
+    rows = rows.take(np.lexsort((rows.buckets, rows.variants, rows.metrics, rows.workers)))
     change = np.ones(len(rows), dtype=bool)
     change[1:] = (rows.workers[1:] != rows.workers[:-1]) | (rows.metrics[1:] != rows.metrics[:-1]) | (
         rows.variants[1:] != rows.variants[:-1]
     )
     starts = np.flatnonzero(change)
-    series = np.cumsum(change) - 1
-    position = rows.buckets - first
-    averages = rows.sums / rows.counts
-    for name, column in (("min", rows.mins), ("max", rows.maxs), ("avg", averages)):
+    series, position = np.cumsum(change) - 1, rows.buckets - first
+    grids = {}
+    for name, column in (("min", rows.mins), ("max", rows.maxs), ("avg", rows.sums / rows.counts)):
         grid = np.full((len(starts), count), np.nan)
         grid[series, position] = column
-        for index, start in enumerate(starts):
-            variant = variant_name(int(rows.variants[start])) if split else None
-            key = (worker_names[int(rows.workers[start])], metric_names[int(rows.metrics[start])], variant)
-            result.setdefault(key, {})[name] = [None if math.isnan(v) else v for v in grid[index].tolist()]
+        grids[name] = grid
+    result: Series = {}
+    for index, start in enumerate(starts.tolist()):
+        variant = variant_name(int(rows.variants[start])) if split else None
+        key = (worker_names[int(rows.workers[start])], metric_names[int(rows.metrics[start])], variant)
+        result[key] = {name: grid[index] for name, grid in grids.items()}
     return result
 
 
@@ -218,14 +237,18 @@ async def activity(pool, company: str, pieces: list[Segment], *, interval: int, 
 
     async def read(conn):
         workers = list((await ids.workers_of_company(conn, company)).values())
-        if not workers:
-            return aggregate.empty()
-        return await _rows(conn, company, pieces, interval, None, workers, False)
+        return await _fetch(conn, company, pieces, None, workers) if workers else None
 
-    rows = await _read(pool, read)
-    first = buckets[0] // interval
-    position = rows.buckets - first
-    inside = (position >= 0) & (position < len(buckets)) & (rows.counts > 0)
-    total = np.bincount(position[inside], minlength=len(buckets))
-    active = np.bincount(position[inside & (rows.exact_sums > 0)], minlength=len(buckets))
-    return total.tolist(), active.tolist()
+    fetched = await _read(pool, read)
+    if fetched is None:
+        return [0] * len(buckets), [0] * len(buckets)
+
+    def compute() -> tuple[list, list]:
+        rows = _rows(pieces, fetched, interval, None, False)
+        position = rows.buckets - buckets[0] // interval
+        inside = (position >= 0) & (position < len(buckets)) & (rows.counts > 0)
+        total = np.bincount(position[inside], minlength=len(buckets))
+        active = np.bincount(position[inside & (rows.exact_sums > 0)], minlength=len(buckets))
+        return total.tolist(), active.tolist()
+
+    return await asyncio.to_thread(compute)

@@ -43,7 +43,7 @@ WHERE hypertable_name = 'recent_reports' AND range_end <= to_timestamp($1) ORDER
 """
 _WORKERS_IN = "SELECT DISTINCT worker FROM recent_reports WHERE time >= to_timestamp($1) AND time < to_timestamp($2)"
 _HOUR_ROWS = f"""
-SELECT worker, {raw.MICROS} AS micros, layout, task, values FROM recent_reports
+SELECT {raw.ROW} FROM recent_reports
 WHERE time >= to_timestamp($1) AND time < to_timestamp($2) AND worker = ANY($3::integer[])
 """
 _DROP_HOUR = """
@@ -51,7 +51,7 @@ SELECT count(*) FROM drop_chunks('recent_reports', older_than => to_timestamp($2
 """
 _TAKE_LATE = f"""
 DELETE FROM late_reports WHERE ctid = ANY(ARRAY(SELECT ctid FROM late_reports LIMIT $1))
-RETURNING worker, {raw.MICROS} AS micros, layout, task, values
+RETURNING {raw.ROW}
 """
 _BLOCKS_OF = """
 SELECT b.worker, (extract(epoch FROM b.start) * 1000000)::bigint AS start, b.tasks, b.data

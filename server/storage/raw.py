@@ -5,25 +5,29 @@ stores them), and `report_blocks` (as compaction packs them); and SQL of `report
 them, for chart reads (storage/charts.py), the refresh and compaction.
 """
 
-import itertools
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import numpy as np
 
-from . import blocks, ids
+from . import blocks, codec, ids
 from .aggregate import Points, concatenate_points, empty_points
 
 HOUR_US = 3_600_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MICROS = "(extract(epoch FROM time) * 1000000)::bigint"
 
+# A report row's columns for `rows_to_points`: its values in the array's binary form, read
+# into numpy without a Python float for each.
+ROW = f"worker, {MICROS} AS micros, layout, task, array_send(values) AS packed"
+
 # $1, $2: [low, high) as timestamptz; $3 worker ids (NULL: every worker).
 _ROWS = f"""
-SELECT worker, {MICROS} AS micros, layout, task, values FROM recent_reports
+SELECT {ROW} FROM recent_reports
 WHERE time >= $1 AND time < $2 AND ($3::integer[] IS NULL OR worker = ANY($3::integer[]))
 UNION ALL
-SELECT worker, {MICROS} AS micros, layout, task, values FROM late_reports
+SELECT {ROW} FROM late_reports
 WHERE time >= $1 AND time < $2 AND ($3::integer[] IS NULL OR worker = ANY($3::integer[]))
 """
 
@@ -39,8 +43,20 @@ WHERE b.worker = d.worker AND b.start = to_timestamp(d.start / 1000000.0)
 """
 
 
-async def read(db: asyncpg.Connection, low_us: int, high_us: int, workers=None) -> Points:
-    """Every report timed in [low_us, high_us) of `workers` (ids; None: every worker).
+@dataclass
+class Fetched:
+    """Raw reports as read from the database, before any decoding (see `points`)."""
+
+    rows: list  # ROW's columns
+    block_rows: list  # report_blocks: worker, start, tasks, data
+    layouts: dict  # layout id -> (metric ids, variant codes)
+    low_us: int
+    high_us: int
+
+
+async def fetch(db: asyncpg.Connection, low_us: int, high_us: int, workers=None) -> Fetched:
+    """Every report timed in [low_us, high_us) of `workers` (ids; None: every worker), as
+    read; `points` decodes them (CPU work a caller may run in a thread).
 
     Call it in a repeatable-read transaction: the rows are read first, which keeps their chunk
     from being dropped by a compaction meanwhile, then the blocks, as of the same snapshot; a
@@ -49,19 +65,39 @@ async def read(db: asyncpg.Connection, low_us: int, high_us: int, workers=None) 
     worker_ids = None if workers is None else [int(worker) for worker in workers]
     rows = await db.fetch(_ROWS, low, high, worker_ids)
     block_rows = await db.fetch(_BLOCKS, low, high, worker_ids)
-    return concatenate_points([await rows_to_points(db, rows), blocks_to_points(block_rows, low_us, high_us)])
+    return Fetched(rows, block_rows, await _layouts(db, rows), low_us, high_us)
 
 
-async def rows_to_points(db, rows: list) -> Points:
-    """Points of report rows (worker, micros, layout, task, values)."""
+def points(fetched: Fetched) -> Points:
+    return concatenate_points([
+        rows_points(fetched.rows, fetched.layouts),
+        blocks_to_points(fetched.block_rows, fetched.low_us, fetched.high_us),
+    ])
+
+
+async def read(db: asyncpg.Connection, low_us: int, high_us: int, workers=None) -> Points:
+    """`fetch`, decoded."""
+    return points(await fetch(db, low_us, high_us, workers))
+
+
+async def _layouts(db, rows: list) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     if not rows:
-        return empty_points()
-    known = {
+        return {}
+    return {
         layout: (np.array(metrics, dtype=np.int64), np.array(variants, dtype=np.int64))
         for layout, (metrics, variants) in (await ids.layouts(db, {row["layout"] for row in rows})).items()
     }
-    values = [row["values"] for row in rows]
-    counts = np.fromiter(map(len, values), dtype=np.int64, count=len(rows))
+
+
+async def rows_to_points(db, rows: list) -> Points:
+    """Points of report rows (ROW's columns)."""
+    return rows_points(rows, await _layouts(db, rows))
+
+
+def rows_points(rows: list, known: dict) -> Points:
+    if not rows:
+        return empty_points()
+    counts, values = _unpack_float_arrays([row["packed"] for row in rows])
     layouts = [known[row["layout"]] for row in rows]
     return Points(
         report_workers=np.fromiter((row["worker"] for row in rows), dtype=np.int64, count=len(rows)),
@@ -70,8 +106,21 @@ async def rows_to_points(db, rows: list) -> Points:
         reports=np.repeat(np.arange(len(rows)), counts),
         metrics=np.concatenate([metrics for metrics, _ in layouts]),
         variants=np.concatenate([variants for _, variants in layouts]),
-        values=np.fromiter(itertools.chain.from_iterable(values), dtype=np.float64, count=int(counts.sum())),
+        values=values,
     )
+
+
+def _unpack_float_arrays(packed: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """One-dimensional float8 arrays in PostgreSQL's binary form (array_send: a 20-byte
+    header, 12 for an empty array, then each element as its 4-byte length and 8 bytes):
+    each array's length, and all their values."""
+    sizes = np.fromiter(map(len, packed), dtype=np.int64, count=len(packed))
+    counts = np.where(sizes > 12, (sizes - 20) // 12, 0)
+    data = b"".join(packed)
+    starts = np.cumsum(sizes) - sizes
+    positions = np.repeat(starts + 24, counts) + 12 * codec.ranks(counts)
+    view = np.ndarray(shape=(max(len(data) - 7, 0),), dtype=">f8", buffer=data, strides=(1,))
+    return counts, view[positions].astype(np.float64)
 
 
 def blocks_to_points(rows: list, low_us: int | None = None, high_us: int | None = None) -> Points:

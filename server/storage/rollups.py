@@ -249,37 +249,50 @@ def _epoch_time(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, timezone.utc)
 
 
+async def fetch(db, tier: Tier, company: str, metrics, low: int, high: int, workers=None) -> list[tuple]:
+    """The tier's blocks of `metrics` (ids; 0: activity) that may hold buckets in [low, high)
+    (epoch seconds), of `workers` (ids; None: all: whole blocks; else just those workers'
+    lanes), as (start, metric, RollupBlock); `decode` reads them."""
+    metric_ids = [int(metric) for metric in metrics]
+    if workers is None:
+        rows = await db.fetch(_BLOCKS.format(table=tier.table, period=tier.period), company, metric_ids, low, high)
+        return [(row["start"], row["metric"], blocks.RollupBlock(
+            np.array(row["workers"], dtype=np.int64), np.array(row["offsets"], dtype=np.int64), row["data"]))
+            for row in rows]  # fmt: skip
+    rows = await db.fetch(
+        _WORKER_LANES.format(table=tier.table, period=tier.period), company, metric_ids, low, high, [int(w) for w in workers]
+    )
+    by_block = defaultdict(list)
+    for row in rows:
+        by_block[(row["start"], row["metric"])].append(row)
+    fetched = []
+    for (start, metric), lanes in by_block.items():
+        sizes = np.array([len(lane["lanes"]) for lane in lanes], dtype=np.int64)
+        block = blocks.RollupBlock(
+            np.array([lane["worker"] for lane in lanes], dtype=np.int64),
+            np.cumsum(sizes) - sizes,
+            b"".join(lane["lanes"] for lane in lanes),
+        )
+        fetched.append((start, metric, block))
+    return fetched
+
+
+def decode(fetched: list[tuple], tier: Tier, low: int, high: int, variants: bool) -> blocks.Aggregates:
+    """The rows of fetched blocks for buckets in [low, high), with absolute buckets."""
+    if not fetched:
+        return empty()
+    rows = blocks.concatenate([
+        _absolute(blocks.decode_rollup(block, metric, variants=variants), start, tier) for start, metric, block in fetched
+    ])
+    first, last = low // tier.seconds, high // tier.seconds
+    return rows.take((rows.buckets >= first) & (rows.buckets < last))
+
+
 async def read(
     db, tier: Tier, company: str, metrics, low: int, high: int, workers=None, variants: bool = False
 ) -> blocks.Aggregates:
-    """The tier's rows of `metrics` (ids; 0: activity) for buckets in [low, high) (epoch
-    seconds, bucket-aligned), of `workers` (ids; None: all), with absolute buckets."""
-    metric_ids = [int(metric) for metric in metrics]
-    parts = []
-    if workers is None:
-        for row in await db.fetch(_BLOCKS.format(table=tier.table, period=tier.period), company, metric_ids, low, high):
-            block = blocks.RollupBlock(np.array(row["workers"], dtype=np.int64), np.array(row["offsets"], dtype=np.int64), row["data"])
-            parts.append(_absolute(blocks.decode_rollup(block, row["metric"], variants=variants), row["start"], tier))
-    else:
-        rows = await db.fetch(
-            _WORKER_LANES.format(table=tier.table, period=tier.period), company, metric_ids, low, high, [int(w) for w in workers]
-        )
-        by_block = defaultdict(list)
-        for row in rows:
-            by_block[(row["start"], row["metric"])].append(row)
-        for (start, metric), lanes in by_block.items():
-            sizes = np.array([len(lane["lanes"]) for lane in lanes], dtype=np.int64)
-            block = blocks.RollupBlock(
-                np.array([lane["worker"] for lane in lanes], dtype=np.int64),
-                np.cumsum(sizes) - sizes,
-                b"".join(lane["lanes"] for lane in lanes),
-            )
-            parts.append(_absolute(blocks.decode_rollup(block, metric, variants=variants), start, tier))
-    if not parts:
-        return empty()
-    rows = blocks.concatenate(parts)
-    first, last = low // tier.seconds, high // tier.seconds
-    return rows.take((rows.buckets >= first) & (rows.buckets < last))
+    """`fetch`, decoded."""
+    return decode(await fetch(db, tier, company, metrics, low, high, workers), tier, low, high, variants)
 
 
 def _absolute(rows: blocks.Aggregates, start: int, tier: Tier) -> blocks.Aggregates:
