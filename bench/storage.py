@@ -315,7 +315,7 @@ async def count_stored_values(conn) -> int:
         batch = await fetch_blocks(conn, keys[index : index + COUNT_BATCH])
         total += sum(len(values) for reports in decode(batch) for values in reports.values)
     rows = await conn.fetchval(
-        "SELECT coalesce(sum(cardinality(values)), 0)::bigint FROM (SELECT values FROM recent_reports "
+        "SELECT coalesce(sum(octet_length(values) / 8), 0)::bigint FROM (SELECT values FROM recent_reports "
         "UNION ALL SELECT values FROM late_reports) AS r"
     )
     return total + rows

@@ -44,16 +44,21 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT sha256((metrics::text |
 CREATE UNIQUE INDEX report_layouts_shape ON report_layouts (layout_digest(metrics, variants));
 
 -- Reports of the open hour(s), as the writer stores them: one row per report, in 1-hour
--- chunks that compaction drops once it has packed them into report_blocks.
+-- chunks that compaction drops once it has packed them into report_blocks. `values`: the
+-- report's values in the order of its layout, as 8-byte IEEE 754 numbers, big-endian
+-- (report_values() reads them as a float8 array).
 CREATE TABLE recent_reports (
-    time   timestamptz        NOT NULL,
-    worker integer            NOT NULL,
-    layout integer            NOT NULL,
+    time   timestamptz NOT NULL,
+    worker integer     NOT NULL,
+    layout integer     NOT NULL,
     task   text,
-    values double precision[] NOT NULL
+    values bytea       NOT NULL
 );
 SELECT create_hypertable('recent_reports', by_range('time', INTERVAL '1 hour'), create_default_indexes => false);
 CREATE INDEX recent_reports_worker_time ON recent_reports (worker, time);
+-- The fleet's last minutes (a chart's part after the rollups): rows are stored in time order,
+-- so a BRIN index finds them for next to nothing.
+CREATE INDEX recent_reports_time ON recent_reports USING brin (time) WITH (pages_per_range = 8);
 
 -- Reports timed before `rollup_watermark.compacted` (hours already packed) wait here until
 -- compaction merges them into their blocks.
@@ -198,6 +203,14 @@ BEGIN
     END LOOP;
     stop := pos - 1;
 END $$;
+
+-- A report row's values (recent_reports, late_reports) as a float8 array.
+CREATE FUNCTION report_values(packed bytea) RETURNS double precision[]
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+SELECT coalesce(array_agg(codec_ieee(('x' || encode(substring(packed FROM 8 * i + 1 FOR 8), 'hex'))::bit(64)::bigint)
+                          ORDER BY i), '{}')
+FROM generate_series(0, octet_length(packed) / 8 - 1) AS i
+$$;
 
 -- A sequence's values as float64: integers / 10^scale, raw bits decoded.
 CREATE FUNCTION codec_floats(kind integer, ints bigint[]) RETURNS double precision[]
@@ -427,7 +440,9 @@ CROSS JOIN LATERAL unnest(b.workers, b.offsets) WITH ORDINALITY AS g (worker, la
 CREATE VIEW worker_stat_points AS
 SELECT r.time, w.company, w.worker, r.task, split_part(m.name, '_', 1) AS category, m.name AS metric,
        variant_name(l.variants[i]) AS variant, r.values[i] AS value
-FROM (SELECT * FROM recent_reports UNION ALL SELECT * FROM late_reports) AS r
+FROM (SELECT time, worker, layout, task, report_values(values) AS values FROM recent_reports
+      UNION ALL
+      SELECT time, worker, layout, task, report_values(values) FROM late_reports) AS r
 JOIN stat_workers AS w ON w.id = r.worker
 JOIN report_layouts AS l ON l.id = r.layout
 CROSS JOIN LATERAL generate_subscripts(r.values, 1) AS i
@@ -445,9 +460,10 @@ JOIN stat_metrics AS m ON m.id = p.metric;
 CREATE FUNCTION worker_stat_points(since timestamptz, until timestamptz) RETURNS SETOF worker_stat_points
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
 SELECT r.time, w.company, w.worker, r.task, split_part(m.name, '_', 1), m.name, variant_name(l.variants[i]), r.values[i]
-FROM (SELECT * FROM recent_reports WHERE time BETWEEN since AND until
+FROM (SELECT time, worker, layout, task, report_values(values) AS values FROM recent_reports
+      WHERE time BETWEEN since AND until
       UNION ALL
-      SELECT * FROM late_reports WHERE time BETWEEN since AND until) AS r
+      SELECT time, worker, layout, task, report_values(values) FROM late_reports WHERE time BETWEEN since AND until) AS r
 JOIN stat_workers AS w ON w.id = r.worker
 JOIN report_layouts AS l ON l.id = r.layout
 CROSS JOIN LATERAL generate_subscripts(r.values, 1) AS i
@@ -464,7 +480,7 @@ $$;
 -- Every report, as the jsonb-era table `worker_stats` held it (its metrics as jsonb: a
 -- number's sign of zero is not kept there; worker_stat_points keeps every value exactly).
 CREATE VIEW worker_stats AS
-SELECT r.time, w.company, w.worker, r.task, report_metrics(r.layout, r.values) AS metrics
+SELECT r.time, w.company, w.worker, r.task, report_metrics(r.layout, report_values(r.values)) AS metrics
 FROM (SELECT * FROM recent_reports UNION ALL SELECT * FROM late_reports) AS r
 JOIN stat_workers AS w ON w.id = r.worker
 UNION ALL

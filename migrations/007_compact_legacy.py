@@ -11,7 +11,6 @@ every report and every rollup row, then the legacy tables dropped.
 """
 
 import json
-import struct
 
 import numpy as np
 import orjson
@@ -20,9 +19,9 @@ from server.storage import aggregate, raw, rollups
 from server.storage.blocks import ACTIVITY, COMBINED, Aggregates, variant_code
 from server.storage.codec import value_scales
 from server.storage.ids import Ids, layout_key
+from server.storage.writer import pack_values
 
 WORKERS_AT_ONCE = 50
-FLOAT8_OID = 701
 ROWS_AT_ONCE = 200_000
 
 _WORKERS = "SELECT DISTINCT company, worker FROM legacy_worker_stats"
@@ -43,13 +42,6 @@ LEGACY_TABLES = (
     "legacy_worker_stats", "legacy_stats_1m", "legacy_stats_10m", "legacy_stats_1h",
     "legacy_activity_1m", "legacy_activity_10m", "legacy_activity_1h",
 )
-
-
-def _packed(values: list[float]) -> bytes:
-    """A float8 array in PostgreSQL's binary form (what raw.ROW reads with array_send)."""
-    if not values:
-        return struct.pack(">iii", 0, 0, FLOAT8_OID)
-    return struct.pack(">iiiii", 1, 0, FLOAT8_OID, len(values), 1) + b"".join(struct.pack(">id", 8, v) for v in values)
 
 
 def _metrics(text: str) -> dict:
@@ -79,12 +71,15 @@ async def _reports(conn, ids: Ids) -> None:
             reports = [(row, _metrics(row["metrics"])) for row in rows]
             await ids.make(conn, {(company, row["worker"]) for row, _ in reports},
                            {(company, layout_key(metrics)) for _, metrics in reports})  # fmt: skip
-            points = await raw.rows_to_points(conn, [
-                {"worker": ids.worker(company, row["worker"]), "micros": row["micros"], "task": row["task"],
-                 "layout": ids.layout(company, layout_key(metrics)),
-                 "packed": _packed([float(value) for variants in metrics.values() for value in variants.values()])}
-                for row, metrics in reports
-            ])  # fmt: skip
+            packed = [pack_values(metrics) for _, metrics in reports]
+            points = await raw.rows_to_points(conn, {  # the columns raw.COLUMNS reads
+                "workers": [ids.worker(company, row["worker"]) for row, _ in reports],
+                "micros": [row["micros"] for row, _ in reports],
+                "layouts": [ids.layout(company, layout_key(metrics)) for _, metrics in reports],
+                "tasks": [row["task"] for row, _ in reports],
+                "counts": [len(values) // 8 for values in packed],
+                "values": b"".join(packed),
+            })
             await raw.replace_blocks(conn, raw.worker_hours(points))
 
 

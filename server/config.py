@@ -79,7 +79,7 @@ class Settings:
     # The batching writer of status reports
     writer_connections: int = 2
     writer_batch_size: int = 500
-    writer_gather_ms: float = 10.0
+    writer_gather_ms: float = 25.0
     writer_queue_limit: int = 10_000
     writer_answer_timeout: float = 10.0
 

@@ -165,14 +165,14 @@ async def store_reports(conn, company: str, reports: list[tuple]) -> None:
     would store them, but without it (no registration, no invalidation log): as a restore or
     a bulk load straight into the tables would."""
     from server.storage.ids import Ids, layout_key
+    from server.storage.writer import pack_values
 
     ids = Ids()
     await ids.make(conn, {(company, worker) for _, worker, _, _ in reports},
                    {(company, layout_key(metrics)) for _, _, _, metrics in reports})
     compacted = await conn.fetchval("SELECT extract(epoch FROM compacted)::float8 FROM rollup_watermark")
     rows = [
-        (moment, ids.worker(company, worker), ids.layout(company, layout_key(metrics)), task,
-         [value for variants in metrics.values() for value in variants.values()])
+        (moment, ids.worker(company, worker), ids.layout(company, layout_key(metrics)), task, pack_values(metrics))
         for moment, worker, task, metrics in reports
     ]
     for table, chosen in (("recent_reports", [r for r in rows if r[0] >= compacted]),

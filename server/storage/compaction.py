@@ -42,16 +42,18 @@ SELECT extract(epoch FROM range_start)::bigint AS hour FROM timescaledb_informat
 WHERE hypertable_name = 'recent_reports' AND range_end <= to_timestamp($1) ORDER BY 1
 """
 _WORKERS_IN = "SELECT DISTINCT worker FROM recent_reports WHERE time >= to_timestamp($1) AND time < to_timestamp($2)"
-_HOUR_ROWS = f"""
+_HOUR_ROWS = raw.COLUMNS.format(rows=f"""
 SELECT {raw.ROW} FROM recent_reports
 WHERE time >= to_timestamp($1) AND time < to_timestamp($2) AND worker = ANY($3::integer[])
-"""
+""")
 _DROP_HOUR = """
 SELECT count(*) FROM drop_chunks('recent_reports', older_than => to_timestamp($2), newer_than => to_timestamp($1))
 """
 _TAKE_LATE = f"""
-DELETE FROM late_reports WHERE ctid = ANY(ARRAY(SELECT ctid FROM late_reports LIMIT $1))
-RETURNING {raw.ROW}
+WITH taken AS (
+    DELETE FROM late_reports WHERE ctid = ANY(ARRAY(SELECT ctid FROM late_reports LIMIT $1)) RETURNING *
+)
+{raw.COLUMNS.format(rows=f"SELECT {raw.ROW} FROM taken")}
 """
 _BLOCKS_OF = """
 SELECT b.worker, (extract(epoch FROM b.start) * 1000000)::bigint AS start, b.tasks, b.data
@@ -81,12 +83,13 @@ async def compact(conn: asyncpg.Connection) -> CompactionResult:
         result.hours += 1
     while True:
         async with conn.transaction():
-            taken = await conn.fetch(_TAKE_LATE, LATE_PER_PASS)
-            if not taken:
+            taken = await conn.fetchrow(_TAKE_LATE, LATE_PER_PASS)
+            count = len(taken["workers"])
+            if not count:
                 break
             await _merge(conn, await raw.rows_to_points(conn, taken))
-        result.late += len(taken)
-        if len(taken) < LATE_PER_PASS:
+        result.late += count
+        if count < LATE_PER_PASS:
             break
     if result.late >= EMPTIED_LATE:
         await _give_back_late(conn)
@@ -114,7 +117,7 @@ async def _pack_hour(conn, hour: int) -> None:
     workers = sorted(row["worker"] for row in await conn.fetch(_WORKERS_IN, hour, hour + HOUR))
     for index in range(0, len(workers), WORKERS_PER_SLICE):
         chosen = workers[index : index + WORKERS_PER_SLICE]
-        rows = await conn.fetch(_HOUR_ROWS, hour, hour + HOUR, chosen)
+        rows = await conn.fetchrow(_HOUR_ROWS, hour, hour + HOUR, chosen)
         await _merge(conn, await raw.rows_to_points(conn, rows))
     await conn.fetchval(_DROP_HOUR, hour, hour + HOUR)
 

@@ -16,20 +16,29 @@ from .aggregate import Points, concatenate_points, empty_points
 
 HOUR_US = 3_600_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-MICROS = "(extract(epoch FROM time) * 1000000)::bigint"
+# A timestamptz's microseconds since the epoch: date_part's float8 seconds are within a
+# quarter of a microsecond of them up to the year 2255, and rounding makes them exact again
+# (extract(epoch ...) is exact too, as a slower numeric).
+MICROS = "round(date_part('epoch', time) * 1000000)::bigint"
 
-# A report row's columns for `rows_to_points`: its values in the array's binary form, read
-# into numpy without a Python float for each.
-ROW = f"worker, {MICROS} AS micros, layout, task, array_send(values) AS packed"
+# Report rows (`{rows}`: a query of ROW's columns) as one row of column arrays, read into
+# numpy without a Python object per report or per value: all their values in one bytea.
+ROW = f"worker, {MICROS} AS micros, layout, task, values"
+COLUMNS = """
+SELECT coalesce(array_agg(r.worker), '{{}}') AS workers, coalesce(array_agg(r.micros), '{{}}') AS micros,
+       coalesce(array_agg(r.layout), '{{}}') AS layouts, coalesce(array_agg(r.task), '{{}}') AS tasks,
+       coalesce(array_agg(octet_length(r.values) / 8), '{{}}') AS counts, coalesce(string_agg(r.values, ''::bytea), '') AS values
+FROM ({rows}) AS r
+"""
 
 # $1, $2: [low, high) as timestamptz; $3 worker ids (NULL: every worker).
-_ROWS = f"""
+_ROWS = COLUMNS.format(rows=f"""
 SELECT {ROW} FROM recent_reports
 WHERE time >= $1 AND time < $2 AND ($3::integer[] IS NULL OR worker = ANY($3::integer[]))
 UNION ALL
 SELECT {ROW} FROM late_reports
 WHERE time >= $1 AND time < $2 AND ($3::integer[] IS NULL OR worker = ANY($3::integer[]))
-"""
+""")
 
 _BLOCKS = """
 SELECT worker, (extract(epoch FROM start) * 1000000)::bigint AS start, tasks, data FROM report_blocks
@@ -47,7 +56,7 @@ WHERE b.worker = d.worker AND b.start = to_timestamp(d.start / 1000000.0)
 class Fetched:
     """Raw reports as read from the database, before any decoding (see `points`)."""
 
-    rows: list  # ROW's columns
+    rows: asyncpg.Record  # COLUMNS
     block_rows: list  # report_blocks: worker, start, tasks, data
     layouts: dict  # layout id -> (metric ids, variant codes)
     low_us: int
@@ -63,7 +72,7 @@ async def fetch(db: asyncpg.Connection, low_us: int, high_us: int, workers=None)
     report is then seen once, either as a row or in its block."""
     low, high = micros_time(low_us), micros_time(high_us)
     worker_ids = None if workers is None else [int(worker) for worker in workers]
-    rows = await db.fetch(_ROWS, low, high, worker_ids)
+    rows = await db.fetchrow(_ROWS, low, high, worker_ids)
     block_rows = await db.fetch(_BLOCKS, low, high, worker_ids)
     return Fetched(rows, block_rows, await _layouts(db, rows), low_us, high_us)
 
@@ -80,47 +89,42 @@ async def read(db: asyncpg.Connection, low_us: int, high_us: int, workers=None) 
     return points(await fetch(db, low_us, high_us, workers))
 
 
-async def _layouts(db, rows: list) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    if not rows:
-        return {}
+async def _layouts(db, rows: asyncpg.Record) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return {
         layout: (np.array(metrics, dtype=np.int64), np.array(variants, dtype=np.int64))
-        for layout, (metrics, variants) in (await ids.layouts(db, {row["layout"] for row in rows})).items()
+        for layout, (metrics, variants) in (await ids.layouts(db, set(rows["layouts"]))).items()
     }
 
 
-async def rows_to_points(db, rows: list) -> Points:
-    """Points of report rows (ROW's columns)."""
+async def rows_to_points(db, rows: asyncpg.Record) -> Points:
+    """Points of report rows read as COLUMNS."""
     return rows_points(rows, await _layouts(db, rows))
 
 
-def rows_points(rows: list, known: dict) -> Points:
-    if not rows:
+def rows_points(rows: asyncpg.Record, known: dict) -> Points:
+    """Points of report rows read as COLUMNS, with their layouts."""
+    count = len(rows["workers"])
+    if not count:
         return empty_points()
-    counts, values = _unpack_float_arrays([row["packed"] for row in rows])
-    layouts = [known[row["layout"]] for row in rows]
+    counts = np.array(rows["counts"], dtype=np.int64)
+    values = np.frombuffer(rows["values"], dtype=">f8").astype(np.float64)
+    # Each report's metrics and variants: its layout's, gathered for all reports at once.
+    layout_ids = sorted(known)
+    lengths = np.array([len(known[layout][0]) for layout in layout_ids], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    all_metrics = np.concatenate([known[layout][0] for layout in layout_ids] or [np.zeros(0, np.int64)])
+    all_variants = np.concatenate([known[layout][1] for layout in layout_ids] or [np.zeros(0, np.int64)])
+    layout_of = np.searchsorted(layout_ids, np.array(rows["layouts"], dtype=np.int64))
+    index = np.repeat(starts[layout_of], counts) + codec.ranks(counts)
     return Points(
-        report_workers=np.fromiter((row["worker"] for row in rows), dtype=np.int64, count=len(rows)),
-        report_times=np.fromiter((row["micros"] for row in rows), dtype=np.int64, count=len(rows)),
-        report_tasks=[row["task"] for row in rows],
-        reports=np.repeat(np.arange(len(rows)), counts),
-        metrics=np.concatenate([metrics for metrics, _ in layouts]),
-        variants=np.concatenate([variants for _, variants in layouts]),
+        report_workers=np.array(rows["workers"], dtype=np.int64),
+        report_times=np.array(rows["micros"], dtype=np.int64),
+        report_tasks=list(rows["tasks"]),
+        reports=np.repeat(np.arange(count), counts),
+        metrics=all_metrics[index],
+        variants=all_variants[index],
         values=values,
     )
-
-
-def _unpack_float_arrays(packed: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """One-dimensional float8 arrays in PostgreSQL's binary form (array_send: a 20-byte
-    header, 12 for an empty array, then each element as its 4-byte length and 8 bytes):
-    each array's length, and all their values."""
-    sizes = np.fromiter(map(len, packed), dtype=np.int64, count=len(packed))
-    counts = np.where(sizes > 12, (sizes - 20) // 12, 0)
-    data = b"".join(packed)
-    starts = np.cumsum(sizes) - sizes
-    positions = np.repeat(starts + 24, counts) + 12 * codec.ranks(counts)
-    view = np.ndarray(shape=(max(len(data) - 7, 0),), dtype=">f8", buffer=data, strides=(1,))
-    return counts, view[positions].astype(np.float64)
 
 
 def blocks_to_points(rows: list, low_us: int | None = None, high_us: int | None = None) -> Points:

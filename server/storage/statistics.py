@@ -2,21 +2,20 @@
 `worker_metric_keys` index table.
 
 The writer stores one row per report: the worker's id, the layout of its values (their metrics
-and variants, storage/ids.py) and the values as one float8 array. Reports of hours already
+and variants, storage/ids.py) and the values as 8-byte big-endian floats in one bytea. Reports of hours already
 compacted (before `rollup_watermark.compacted`) go to `late_reports`, the others to
 `recent_reports`; compaction (storage/compaction.py) packs both into `report_blocks`.
 """
 
 
 # Parts of the batching writer's statement: `$2` is a jsonb array of metric keys to upsert;
-# $3..$8 one entry per report: time (epoch seconds), worker id, layout id, task, and where its
-# values lie (first and last, 1-based) in $9, every value of the batch. The watermark row is
-# read FOR SHARE (see migrations/004 and 006): moving `compacted` waits for this batch.
+# $3..$7 one entry per report: time (epoch seconds), worker id, layout id, task, values (the
+# float64s, big-endian). The watermark row is read FOR SHARE (see migrations/004 and 006):
+# moving `compacted` waits for this batch.
 REPORTS = """
 reports AS (
-    SELECT to_timestamp(r.time) AS time, r.worker, r.layout, r.task, ($9::float8[])[r.first:r.last] AS values
-    FROM unnest($3::float8[], $4::integer[], $5::integer[], $6::text[], $7::integer[], $8::integer[])
-        AS r (time, worker, layout, task, first, last)
+    SELECT to_timestamp(r.time) AS time, r.worker, r.layout, r.task, r.values
+    FROM unnest($3::float8[], $4::integer[], $5::integer[], $6::text[], $7::bytea[]) AS r (time, worker, layout, task, values)
 ),
 marks AS (SELECT compacted FROM rollup_watermark FOR SHARE),
 recent AS (

@@ -24,6 +24,7 @@ instead of queueing; the next write after `retry_delay` probes the database agai
 import asyncio
 import collections
 import logging
+import struct
 import time
 from dataclasses import dataclass
 
@@ -273,13 +274,7 @@ class ReportWriter:
             for metric in new_metrics:
                 row = (report.company, report.worker, metric)
                 metric_keys[row] = max(report.time, metric_keys.get(row, 0.0))
-        values: list[float] = []
-        firsts, lasts = [], []
-        for report in reports:
-            firsts.append(len(values) + 1)
-            for variants in report.metrics.values():
-                values.extend(variants.values())
-            lasts.append(len(values))
+        values = [pack_values(report.metrics) for report in reports]
         ids = self._ids
         parameters = (
             orjson.dumps([registrations[key] for key in sorted(registrations)]).decode(),
@@ -293,9 +288,7 @@ class ReportWriter:
             [ids.worker(report.company, report.worker) for report in reports],
             [ids.layout(report.company, key) for report, key in zip(reports, layouts)],
             [report.task for report in reports],
-            firsts,
-            lasts,
-            [float(value) for value in values],
+            values,
         )
         return parameters, written
 
@@ -314,6 +307,12 @@ class ReportWriter:
         if self._connections[slot] is not None:
             self._connections[slot].terminate()
             self._connections[slot] = None
+
+
+def pack_values(metrics: dict) -> bytes:
+    """A report's values `{metric: {variant: value}}`, in order, as 8-byte big-endian floats."""
+    values = [value for variants in metrics.values() for value in variants.values()]
+    return struct.pack(f">{len(values)}d", *values)
 
 
 def _settle(batch: list[tuple[Report, asyncio.Future]], error: BaseException | None) -> None:
