@@ -13,6 +13,7 @@ rolling up and packing are CPU work that can wait while the server is busy takin
 import asyncio
 import logging
 import os
+import time
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
@@ -29,6 +30,8 @@ from .storage.db import UNAVAILABLE_ERRORS
 log = logging.getLogger(__name__)
 
 RETENTION_LOCK = 0x574B5254  # an arbitrary advisory lock key
+REFRESHER_NAME = "workers-rollup-refresher"  # its connections' application_name (pg_stat_activity)
+WATERMARK_MARGIN = 0.5  # seconds after the watermark can move that the refresher looks
 
 
 async def sweep_expired(pool: asyncpg.Pool, metrics: Metrics | None = None) -> int:
@@ -57,22 +60,33 @@ async def apply_retention(pool: asyncpg.Pool, retention: rollups.Retention) -> i
 async def refresh_rollups(
     dsn: str, settings: Settings, refresher: Refresher | None = None
 ) -> tuple[list[RefreshResult], CompactionResult] | None:
-    """Bring the rollups up to date and compact what can be, on a connection of its own: no
-    statement timeout (after a long outage or a bulk import this may take minutes), no JIT
-    (it costs more than it saves on these statements). None when another process or host
-    holds the refresh lock. A `refresher` kept between calls remembers the open buckets."""
-    refresher = refresher or Refresher(settings.retention, lag=settings.rollup_lag_seconds)
-    conn = await asyncpg.connect(dsn, server_settings={"jit": "off"})
+    """Bring the rollups up to date and compact what can be, on a connection of its own
+    (`connect_refresher`). None when another process or host holds the refresh lock."""
+    conn = await connect_refresher(dsn)
     try:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", rollups.REFRESH_LOCK):
-            return None
-        try:
-            steps = await refresher.refresh(conn)
-            compacted = await compaction.compact(conn)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", rollups.REFRESH_LOCK)
+        return await refresh_rollups_on(conn, settings, refresher)
     finally:
         await conn.close()
+
+
+async def connect_refresher(dsn: str) -> asyncpg.Connection:
+    """A connection for the refresh: no statement timeout (after a long outage or a bulk
+    import a pass may take minutes), no JIT (it costs more than it saves on these statements)."""
+    return await asyncpg.connect(dsn, server_settings={"jit": "off", "application_name": REFRESHER_NAME})
+
+
+async def refresh_rollups_on(
+    conn: asyncpg.Connection, settings: Settings, refresher: Refresher | None = None
+) -> tuple[list[RefreshResult], CompactionResult] | None:
+    """`refresh_rollups` on `conn`. A `refresher` kept between calls remembers the open buckets."""
+    refresher = refresher or Refresher(settings.retention, lag=settings.rollup_lag_seconds)
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", rollups.REFRESH_LOCK):
+        return None
+    try:
+        steps = await refresher.refresh(conn)
+        compacted = await compaction.compact(conn)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", rollups.REFRESH_LOCK)
     for step in steps:
         if step.invalidations or step.new_watermark - step.old_watermark > 600:
             watermark = datetime.fromtimestamp(step.new_watermark, timezone.utc).isoformat()
@@ -82,22 +96,48 @@ async def refresh_rollups(
     return steps, compacted
 
 
+def next_refresh_delay(now: float, every: float, lag: float) -> float:
+    """Seconds until the next pass: at most `every`, and no later than when the watermark
+    can move (a minute closes `lag` seconds ago), so that the rollups trail real time by
+    `lag` to `lag` + 60 seconds, not by up to `every` more."""
+    watermark_moves = (now - lag) // 60 * 60 + 60 + lag + WATERMARK_MARGIN
+    return max(0.0, min(every, watermark_moves - now))
+
+
 async def refresh_rollups_forever(settings: Settings) -> None:
     """The rollup refresher process that `serve` starts beside its server processes: a
-    refresh and compaction every WORKERS_ROLLUP_REFRESH_SECONDS until its parent is gone."""
+    refresh and compaction at least every WORKERS_ROLLUP_REFRESH_SECONDS, and as soon as a
+    minute can be rolled up, until its parent is gone. Its connection is kept between passes
+    (a new one costs PostgreSQL a backend and its caches), and made again after a failure."""
     parent = os.getppid()
     refresher = Refresher(settings.retention, lag=settings.rollup_lag_seconds)
+    conn: asyncpg.Connection | None = None
+
+    async def one_pass() -> None:
+        nonlocal conn
+        try:
+            if conn is None or conn.is_closed():
+                conn = await connect_refresher(settings.db_dsn)
+            await refresh_rollups_on(conn, settings, refresher)
+        except BaseException:
+            if conn is not None:
+                conn.terminate()  # its session, and any advisory lock, go with it
+                conn = None
+            raise
+
     await _every(
-        settings.rollup_refresh_seconds,
-        lambda: refresh_rollups(settings.db_dsn, settings, refresher),
+        lambda: next_refresh_delay(time.time(), settings.rollup_refresh_seconds, settings.rollup_lag_seconds),
+        one_pass,
         "rollup refresh",
         while_=lambda: os.getppid() == parent,
     )
 
 
 async def _every(
-    seconds: float, job: Callable[[], Awaitable], name: str, *, while_: Callable[[], bool] = lambda: True
+    seconds: float | Callable[[], float], job: Callable[[], Awaitable], name: str, *, while_: Callable[[], bool] = lambda: True
 ) -> None:
+    """Run `job` until `while_()` is false, `seconds` (or what it returns) apart; a failure is
+    logged and the next run goes on."""
     while while_():
         try:
             await job()
@@ -105,7 +145,7 @@ async def _every(
             log.warning("%s skipped, database unavailable: %r", name, error)
         except Exception:
             log.exception("%s failed", name)
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(seconds() if callable(seconds) else seconds)
 
 
 def start(pool: asyncpg.Pool, settings: Settings, metrics: Metrics | None, limits: Limits) -> list[asyncio.Task]:

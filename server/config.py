@@ -43,7 +43,7 @@ class Settings:
     rollup_1h_retention_days: float = 400.0
     retention_sweep_seconds: float = 3600.0
     rollup_refresh_seconds: float = 10.0
-    rollup_lag_seconds: float = 20.0
+    rollup_lag_seconds: float = 10.0
     rollup_refresh_nice: int = 10  # the refresher process's niceness: it yields the CPU to serving
     # Request handling
     max_body_bytes: int = 1024 * 1024

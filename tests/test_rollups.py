@@ -11,6 +11,7 @@ import sys
 import time
 
 import asyncpg
+import pytest
 from conftest import ROOT
 from helpers import call, ok, refresh_rollups, store_reports
 
@@ -370,3 +371,14 @@ async def test_extreme_values_roll_up_exactly(make_client, dsn):
     served = await compare_charts(served_client, raw_client, BASE, BASE + 3600, 60)
     assert values(served, "w1", "memory_used", "max")[:2] == [1e100, 1e-100]
     assert values(served, "w1", "memory_used", "min")[:2] == [-1e100, 1e-100]
+
+
+def test_refresher_passes_as_soon_as_a_minute_can_be_rolled_up():
+    next_refresh_delay, WATERMARK_MARGIN = background.next_refresh_delay, background.WATERMARK_MARGIN
+    minute = 1_800_000_000  # a minute boundary
+    # 10 s after a minute closed, with a lag of 10 s: the watermark can move now.
+    assert next_refresh_delay(minute + 10 - 0.1, every=30, lag=10) == pytest.approx(0.1 + WATERMARK_MARGIN)
+    # Just after it moved: the next chance is a minute later, but `every` comes first.
+    assert next_refresh_delay(minute + 10 + WATERMARK_MARGIN, every=30, lag=10) == 30
+    assert next_refresh_delay(minute + 45, every=30, lag=10) == pytest.approx(25 + WATERMARK_MARGIN)
+    assert next_refresh_delay(minute + 45, every=10, lag=10) == 10

@@ -69,3 +69,47 @@ async def test_processes_serve_the_api_and_drain_on_sigterm(server, dsn, db_conn
     assert not Path(f"/proc/{refreshers[0]}").exists()
     stored = await db_conn.fetchval("SELECT count(*) FROM worker_stats WHERE company = $1", caller.company_id)
     assert stored == REPORTS
+
+
+async def test_the_refresher_keeps_its_connection_and_makes_a_new_one_after_losing_it(dsn, db_conn, tmp_path):
+    from server.background import REFRESHER_NAME
+
+    process, base = start_server(dsn, tmp_path / "server.log", env={"WORKERS_ROLLUP_REFRESH_SECONDS": "0.2"})
+    try:
+        caller = await create_credentials(dsn, "refreshed", "daemon")
+        await asyncio.to_thread(wait_until_ready, base, process)
+
+        async def refresher_backends() -> list[int]:
+            query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()"
+            return [row["pid"] for row in await db_conn.fetch(query, REFRESHER_NAME)]
+
+        async def backends_soon() -> list[int]:
+            for _ in range(100):
+                if pids := await refresher_backends():
+                    return pids
+                await asyncio.sleep(0.1)
+            raise AssertionError("no refresher connection")
+
+        first = await backends_soon()
+        await asyncio.sleep(2)  # ten passes
+        assert await refresher_backends() == first
+        await db_conn.execute("SELECT pg_terminate_backend($1)", first[0])
+        await asyncio.sleep(0.5)
+        second = await backends_soon()
+        assert second != first
+
+        # Passes go on, on the new connection: a report of two minutes ago is rolled up.
+        headers = {"Authorization": basic_auth(caller.access_key, caller.secret)}
+        body = {"worker": "w1", "timestamp": (time.time() - 120) * 1000, "machine_stats": {"cpu_usage": [42.5]}}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.post(f"{base}/workers.status_report", json=body) as response:
+                assert response.status == 200
+        query = "SELECT max FROM worker_metric_rollup_1m WHERE company = $1 AND metric = 'cpu_usage'"
+        for _ in range(100):
+            if rows := await db_conn.fetch(query, caller.company_id):
+                break
+            await asyncio.sleep(0.1)
+        assert [row["max"] for row in rows] == [42.5]
+        assert await refresher_backends() == second
+    finally:
+        stop_server(process)

@@ -122,7 +122,7 @@ async def _fetch(conn, company: str, pieces: list[Segment], metrics, workers) ->
     fetched = []
     for piece in pieces:
         if piece.source == RAW:
-            fetched.append(await raw.fetch(conn, _micros(piece.low), _micros(piece.high), workers))
+            fetched.append(await raw.fetch(conn, _micros(piece.low), _micros(piece.high), workers, values=metrics is not None))
         else:
             wanted = [ACTIVITY] if metrics is None else metrics
             tier = _tier(piece.source)

@@ -31,14 +31,19 @@ SELECT coalesce(array_agg(r.worker), '{{}}') AS workers, coalesce(array_agg(r.mi
 FROM ({rows}) AS r
 """
 
+# The same without the values: who reported when, with which task (activity reads).
+REPORT_ONLY_ROW = f"worker, {MICROS} AS micros, layout, task, ''::bytea AS values"
+
 # $1, $2: [low, high) as timestamptz; $3 worker ids (NULL: every worker).
-_ROWS = COLUMNS.format(rows=f"""
-SELECT {ROW} FROM recent_reports
+_RANGE = """
+SELECT {row} FROM recent_reports
 WHERE time >= $1 AND time < $2 AND ($3::integer[] IS NULL OR worker = ANY($3::integer[]))
 UNION ALL
-SELECT {ROW} FROM late_reports
+SELECT {row} FROM late_reports
 WHERE time >= $1 AND time < $2 AND ($3::integer[] IS NULL OR worker = ANY($3::integer[]))
-""")
+"""
+_ROWS = COLUMNS.format(rows=_RANGE.format(row=ROW))
+_REPORT_ONLY_ROWS = COLUMNS.format(rows=_RANGE.format(row=REPORT_ONLY_ROW))
 
 _BLOCKS = """
 SELECT worker, (extract(epoch FROM start) * 1000000)::bigint AS start, tasks, data FROM report_blocks
@@ -63,16 +68,17 @@ class Fetched:
     high_us: int
 
 
-async def fetch(db: asyncpg.Connection, low_us: int, high_us: int, workers=None) -> Fetched:
+async def fetch(db: asyncpg.Connection, low_us: int, high_us: int, workers=None, *, values: bool = True) -> Fetched:
     """Every report timed in [low_us, high_us) of `workers` (ids; None: every worker), as
-    read; `points` decodes them (CPU work a caller may run in a thread).
+    read; `points` decodes them (CPU work a caller may run in a thread). Without `values`,
+    the report rows' values are left out (their blocks' are decoded anyway).
 
     Call it in a repeatable-read transaction: the rows are read first, which keeps their chunk
     from being dropped by a compaction meanwhile, then the blocks, as of the same snapshot; a
     report is then seen once, either as a row or in its block."""
     low, high = micros_time(low_us), micros_time(high_us)
     worker_ids = None if workers is None else [int(worker) for worker in workers]
-    rows = await db.fetchrow(_ROWS, low, high, worker_ids)
+    rows = await db.fetchrow(_ROWS if values else _REPORT_ONLY_ROWS, low, high, worker_ids)
     block_rows = await db.fetch(_BLOCKS, low, high, worker_ids)
     return Fetched(rows, block_rows, await _layouts(db, rows), low_us, high_us)
 
