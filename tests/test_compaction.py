@@ -132,6 +132,28 @@ async def test_a_late_report_joins_its_hours_block(client, dsn, db_conn):
     assert await points(db_conn, "exact") == expected_points(reports + later)
 
 
+async def test_tasks_read_the_same_before_and_after_packing(client, dsn, db_conn):
+    """A report's task reads back the same from rows and from blocks; an empty task is no
+    task (SPEC: what get_activity_report counts as active), wherever the report is."""
+    start = math.floor(time.time() / HOUR) * HOUR - 3 * HOUR
+    await pretend_compacted_at(db_conn, start)
+    tasks = ["t-1", "", None, "t-2", "t-2", ""]
+    for n, task in enumerate(tasks):
+        body = {"worker": "tasks", "timestamp": round((start + 10 * n) * 1000), "machine_stats": {"cpu_usage": [n]}}
+        if task is not None:
+            body["task"] = task
+        await ok(client, "workers.status_report", body)
+
+    async def stored() -> list:
+        rows = await db_conn.fetch("SELECT time, task FROM worker_stats WHERE worker = 'tasks' ORDER BY time")
+        return [row["task"] for row in rows]
+
+    assert await stored() == ["t-1", None, None, "t-2", "t-2", None]
+    await refresh_rollups(dsn)
+    assert await db_conn.fetchval("SELECT count(*) FROM report_blocks") == 1
+    assert await stored() == ["t-1", None, None, "t-2", "t-2", None]
+
+
 async def test_a_periods_small_rollup_blocks_become_one(client, dsn, db_conn):
     start = math.floor(time.time() / HOUR) * HOUR - 3 * HOUR
     await pretend_compacted_at(db_conn, start)

@@ -287,7 +287,7 @@ class ReportWriter:
             [report.time for report in reports],
             [ids.worker(report.company, report.worker) for report in reports],
             [ids.layout(report.company, key) for report, key in zip(reports, layouts)],
-            [report.task for report in reports],
+            [report.task or None for report in reports],  # an empty task is no task (SPEC: activity)
             values,
         )
         return parameters, written
