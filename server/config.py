@@ -37,10 +37,12 @@ class Settings:
     raw_read_budget_worker_hours: float = 120.0
     read_timeout_seconds: float = 30.0
     # Retention of each tier, and the rollups' refresh
-    raw_retention_days: float = 7.0
-    rollup_1m_retention_days: float = 8.0
-    rollup_10m_retention_days: float = 90.0
-    rollup_1h_retention_days: float = 400.0
+    # (docs/storage.md: what each costs per worker-day; raw reports are kept at least as long
+    # as the 1-minute tier, which reads a variant's minutes from them)
+    raw_retention_days: float = 14.0
+    rollup_1m_retention_days: float = 14.0
+    rollup_10m_retention_days: float = 400.0
+    rollup_1h_retention_days: float = 1830.0
     retention_sweep_seconds: float = 3600.0
     rollup_refresh_seconds: float = 10.0
     rollup_lag_seconds: float = 10.0
