@@ -6,8 +6,9 @@ pieces at either end, and the raw reports only what no tier can serve exactly (a
 minute at the start, and everything after the rollups' watermark), the way TimescaleDB's
 real-time aggregates combine a materialization with the raw rows after its threshold.
 Every segment yields rows in the shape of a rollup row (min, max, sum and count; a raw
-value is a row of its own with count 1; for activity, a worker seen in a bucket) that one
-statement aggregates per bucket, so each bucket is exact whichever sources serve it.
+value is a row of its own with count 1; for activity, a worker seen in a bucket), combined
+per bucket (numpy, in a thread: the event loop only awaits the reads), so each bucket is
+exact whichever sources serve it.
 """
 
 import asyncio
