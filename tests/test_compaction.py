@@ -1,14 +1,21 @@
 """Compaction (storage/compaction.py): every value sent reads back exactly before and after
 its hour is packed; packed hours give their chunks back; late reports join their blocks; a
-period's small rollup blocks become one; a read meanwhile sees each report once."""
+period's small rollup blocks become one; a read meanwhile sees each report once; a refresh
+killed in the middle of rolling up or of packing loses nothing and repeats nothing."""
 
 import asyncio
 import math
+import os
+import signal
 import struct
+import subprocess
+import sys
 import time
 
 import asyncpg
-from helpers import ok, refresh_rollups
+from helpers import ROOT, ok, refresh_rollups
+
+from server.background import REFRESHER_NAME
 
 from server.storage import compaction
 
@@ -198,3 +205,64 @@ async def test_a_read_meanwhile_sees_each_report_once(client, dsn, db_conn):
         assert await db_conn.fetchval("SELECT count(*) FROM recent_reports") == 0
     finally:
         await reader.close()
+
+
+async def killed_while_writing(dsn: str, db_conn, table: str) -> None:
+    """Run `python -m server rollups refresh`, hold it on a lock of `table` (in the middle of
+    its transaction, having read what it rolls up or packs), then SIGKILL it."""
+    env = {**os.environ, "WORKERS_DB_DSN": dsn, "WORKERS_ROLLUP_LAG_SECONDS": "0",
+           **{f"WORKERS_{name}_RETENTION_DAYS": "100000" for name in ("RAW", "ROLLUP_1M", "ROLLUP_10M", "ROLLUP_1H")}}
+    blocker = await asyncpg.connect(dsn)
+    process = None
+    try:
+        async with blocker.transaction():
+            await blocker.execute(f"LOCK TABLE {table} IN SHARE MODE")
+            process = subprocess.Popen([sys.executable, "-m", "server", "rollups", "refresh"], cwd=ROOT, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while not await db_conn.fetchval(
+                    """SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database()
+                                      AND application_name = $1 AND wait_event_type = 'Lock')""",
+                    REFRESHER_NAME):
+                assert process.poll() is None and time.monotonic() < deadline, "the refresh never waited on the lock"
+                await asyncio.sleep(0.05)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+        await blocker.close()
+    # The killed session's backend goes once PostgreSQL notices; its transaction is rolled back.
+    while await db_conn.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1)",
+            REFRESHER_NAME):
+        await asyncio.sleep(0.05)
+
+
+async def test_a_refresh_killed_midway_loses_and_repeats_nothing(make_client, dsn, db_conn):
+    served, raw_only = await make_client(), await make_client(read_from_rollups=False)
+    start = math.floor(time.time() / HOUR) * HOUR - 3 * HOUR
+    await pretend_compacted_at(db_conn, start)
+    await db_conn.execute("UPDATE rollup_watermark SET watermark = to_timestamp($1), materialized = to_timestamp($1)", start)
+    reports = special_reports(start, 700)
+    await asyncio.gather(*(ok(served, "workers.status_report", body) for body in reports))
+
+    await killed_while_writing(dsn, db_conn, "rollup_1m")  # rolling up
+    assert await db_conn.fetchval("SELECT extract(epoch FROM materialized) FROM rollup_watermark") == start
+    assert await db_conn.fetchval("SELECT count(*) FROM rollup_1m") == 0
+    await killed_while_writing(dsn, db_conn, "report_blocks")  # the rollups done; packing an hour
+    assert await db_conn.fetchval("SELECT count(*) FROM rollup_1m") > 0
+    assert await db_conn.fetchval("SELECT count(*) FROM recent_reports") == 700
+    assert await db_conn.fetchval("SELECT count(*) FROM report_blocks") == 0
+
+    await refresh_rollups(dsn)
+    assert await db_conn.fetchval("SELECT count(*) FROM recent_reports") == 0
+    assert await db_conn.fetchval("SELECT count(*) FROM report_blocks") == 2
+    assert await points(db_conn, "exact") == expected_points(reports)
+    body = {"from_date": start, "to_date": start + 2 * HOUR, "interval": 600,
+            "items": [{"key": key, "aggregation": aggregation} for key in ("cpu_temperature", "gpu_usage", "network_rx")
+                      for aggregation in ("min", "max", "avg")]}
+    got, want = await ok(served, "workers.get_stats", body), await ok(raw_only, "workers.get_stats", body)
+    for got_metric, want_metric in zip(got["workers"][0]["metrics"], want["workers"][0]["metrics"], strict=True):
+        for got_stat, want_stat in zip(got_metric["stats"], want_metric["stats"], strict=True):
+            assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(got_stat["values"], want_stat["values"], strict=True))
