@@ -24,7 +24,10 @@ scripts/local-timescaledb.sh, started if it is not running), it:
    With --against-env or --against-tree, a third server takes its turn in every round: the
    real server with those environment variables (e.g. WORKERS_METRICS=false), or the one
    of another checkout (e.g. `git worktree add /tmp/before HEAD~3`), so that a change's
-   cost is measured in one run, beside the ceiling, as a ratio;
+   cost is measured in one run, beside the ceiling, as a ratio. Another checkout's server
+   gets a database of its own (AGAINST_DATABASE on the same cluster, recreated, migrated,
+   and given its company's credentials and limits by that checkout's code), so that a
+   checkout from before a migration runs on the schema it knows;
 5. with --fault, runs one more real round during which the database is stopped and
    started again (local cluster only);
 6. prints the summary and the LOSS CHECK: the 200 answers of each real round equal the
@@ -65,6 +68,7 @@ from bench.common import (
     ServerProcess,
     cpu_seconds,
     create_credentials,
+    database_dsn,
     every_process,
     free_port,
     http_json,
@@ -75,9 +79,11 @@ from bench.common import (
     median,
     mib,
     parent_of,
+    recreate_database,
     require_wrk,
     resolve_dsn,
     set_company_limits,
+    tree_env,
     worker_shape,
 )
 
@@ -92,6 +98,7 @@ FAULT_STOP_AT = 5.0
 FAULT_START_AT = 10.0
 FAULT_ANSWER_TIMEOUT = 5  # WORKERS_WRITER_ANSWER_TIMEOUT of the server in a --fault run
 HANG_MARGIN_S = 2.0  # a fault-round answer may take the answer timeout plus this
+AGAINST_DATABASE = "workers_bench_against"  # another checkout's server's own database (recreated)
 BENCH_RATE = 1_000_000  # the benchmark company's reports per second (its limit is raised to it)
 
 
@@ -382,6 +389,17 @@ class LossCheck:
         return self.exact_counts and not (self.mismatched or self.duplicates or self.outside)
 
 
+def merged(first: LossCheck, second: LossCheck) -> LossCheck:
+    """The loss checks of two databases as one."""
+    return LossCheck(
+        first.rounds + second.rounds,
+        first.mismatched + second.mismatched,
+        first.duplicates + second.duplicates,
+        first.outside + second.outside,
+        (first.examples + second.examples)[:5],
+    )
+
+
 async def loss_check(dsn: str, company: str, fleet: int, start_ms: int, rounds: list[Round]) -> LossCheck:
     ranges = [(r.result["index_base"], r.result["index_end"], RoundCheck(r.label, r.ok)) for r in rounds]
     check = LossCheck([entry[2] for entry in ranges])
@@ -589,6 +607,10 @@ def main(argv: list[str] | None = None) -> int:
         bare_port, server_env, workdir / "bare.log",
     )  # fmt: skip
     against = None
+    against_dsn = dsn
+    if args.against_tree:
+        against_dsn = database_dsn(dsn, AGAINST_DATABASE)
+        asyncio.run(recreate_database(dsn, AGAINST_DATABASE))
     if args.against_env or args.against_tree:
         against_port = free_port()
         against = ServerProcess(
@@ -596,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "server", "serve", "--host", HOST, "--port", str(against_port),
              "--processes", str(args.processes)],
             against_port,
-            {**server_env, **dict(item.split("=", 1) for item in args.against_env)},
+            {**server_env, "WORKERS_DB_DSN": against_dsn, **tree_env(args.against_tree or ROOT),
+             **dict(item.split("=", 1) for item in args.against_env)},
             workdir / "against.log",
             cwd=(args.against_tree or ROOT).resolve(),
         )  # fmt: skip
@@ -615,7 +638,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"company {company_name}: access key {credentials['access_key']}")
         # The limits stay on, checked on every report; this company's are raised to its fleet
         # and far beyond any machine's rate, so that the benchmark measures the ceiling.
-        set_company_limits(dsn, company_name, "--workers", str(args.workers), "--reports-per-second", str(BENCH_RATE))
+        limits = ("--workers", str(args.workers), "--reports-per-second", str(BENCH_RATE))
+        set_company_limits(dsn, company_name, *limits)
+        against_credentials = credentials
+        if against_dsn != dsn:  # by the other checkout's code, which migrates its database first
+            subprocess.run([sys.executable, "-m", "server", "migrate"], cwd=args.against_tree,
+                           env={**os.environ, "WORKERS_DB_DSN": against_dsn, **tree_env(args.against_tree)},
+                           check=True, capture_output=True, timeout=600)  # fmt: skip
+            against_credentials = create_credentials(against_dsn, company_name, args.against_tree)
+            set_company_limits(against_dsn, company_name, *limits, tree=args.against_tree)
         if args.url:
             time.sleep(LIMITS_REFRESH_SECONDS + 1)  # the running server applies them
         contenders = [bare, real] + ([against] if against else [])
@@ -627,18 +658,25 @@ def main(argv: list[str] | None = None) -> int:
         token, company = login(real, credentials["access_key"], credentials["secret_key"])
         log(f"registering {args.workers:,} workers")
         asyncio.run(register_fleet(real.url, token, args.workers))
+        tokens = {"bare": token, "server": token}
+        against_company = company
+        if against is not None:
+            tokens["against"], against_company = login(against, against_credentials["access_key"], against_credentials["secret_key"])
+            if against_dsn != dsn:
+                asyncio.run(register_fleet(against.url, tokens["against"], args.workers))
 
         start_ms = int(time.time() * 1000)  # report times: from now on, as a live fleet's
         next_index = 0
-        common = dict(token=token, fleet=args.workers, start_ms=start_ms, connections=args.connections)
+        common = dict(fleet=args.workers, start_ms=start_ms, connections=args.connections)
         for number in range(1, args.rounds + 1):
             for kind, server in zip(("bare", "server", "against"), contenders):
                 label = f"{kind} {number}"
                 log(f"round {label}: {args.seconds} s")
                 with CpuMeter(server) as meter:
                     result = run_wrk(
-                        server, index_base=next_index, send_seconds=args.seconds, drain_seconds=DRAIN_SECONDS,
-                        latency_limit_s=ROUND_LATENCY_LIMIT_S, timeline=False, log_path=wrk_log, **common,
+                        server, token=tokens[kind], index_base=next_index, send_seconds=args.seconds,
+                        drain_seconds=DRAIN_SECONDS, latency_limit_s=ROUND_LATENCY_LIMIT_S, timeline=False,
+                        log_path=wrk_log, **common,
                     )  # fmt: skip
                 rounds.append(Round(label, kind, result, cpu=meter.percent_over(result["window_s"])))
                 next_index = result["index_end"] + 1000
@@ -650,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             fault_thread.start()
             with CpuMeter(real) as meter:
                 result = run_wrk(
-                    real, index_base=next_index, send_seconds=FAULT_SECONDS,
+                    real, token=token, index_base=next_index, send_seconds=FAULT_SECONDS,
                     drain_seconds=int(answer_timeout + 3), latency_limit_s=answer_timeout + 5, timeline=True,
                     log_path=wrk_log, **common,
                 )  # fmt: skip
@@ -666,9 +704,14 @@ def main(argv: list[str] | None = None) -> int:
         sampler.join(5)
         real.sample()
 
-        real_rounds = [r for r in rounds if r.kind != "bare"]
         log("loss check: reading the stored rows")
-        check = asyncio.run(loss_check(dsn, company, args.workers, start_ms, real_rounds))
+        if against_dsn == dsn:
+            check = asyncio.run(loss_check(dsn, company, args.workers, start_ms, [r for r in rounds if r.kind != "bare"]))
+        else:
+            check = merged(
+                asyncio.run(loss_check(dsn, company, args.workers, start_ms, [r for r in rounds if r.kind in ("server", "fault")])),
+                asyncio.run(loss_check(against_dsn, against_company, args.workers, start_ms, [r for r in rounds if r.kind == "against"])),
+            )
         return summarize(args, rounds, check, real, bare, answer_timeout, company_name, against)
     finally:
         sampler.halt.set()

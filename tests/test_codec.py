@@ -96,6 +96,17 @@ def test_report_blocks_round_trip(seed):
                                                                 found.present, strict=True):
             assert same(found_values, values)
             assert (found_present is None and (present is None or len(present) == 0)) or np.array_equal(found_present, present)
+    # Some metrics only, or none: every report's time and task, the other series left out.
+    wanted = np.array([3, 7, 11])
+    for found, chosen in zip((blocks.decode_reports(blocks.encode_reports(workers), wanted),
+                              blocks.decode_reports(blocks.encode_reports(workers), [])), (True, False)):
+        for original, part in zip(workers, found, strict=True):
+            assert np.array_equal(part.times, original.times) and part.tasks == original.tasks
+            keep = np.isin(original.metrics, wanted) & chosen
+            assert np.array_equal(part.metrics, original.metrics[keep]) and np.array_equal(part.variants, original.variants[keep])
+            assert len(part.values) == len(part.present) == keep.sum()
+            for values, found_values in zip([v for v, k in zip(original.values, keep) if k], part.values, strict=True):
+                assert same(found_values, values)
 
 
 def test_rollup_blocks_round_trip():
@@ -125,3 +136,10 @@ def test_rollup_blocks_round_trip():
     assert same(found.sums[~exact], original.sums[~exact])
     only = blocks.decode_rollup(block, 5, variants=False, workers=np.array([9, 17]))
     assert set(only.workers) == {9, 17} and set(only.variants) == {blocks.COMBINED}
+    # Several blocks read in one pass: each block's rows, its buckets counted from its first.
+    other = blocks.encode_rollup(blocks.concatenate(rows[:3]))
+    together = blocks.decode_rollups([(block, 5, 100), (other, 6, 7)])
+    for metric, first, alone in ((5, 100, found), (6, 7, blocks.decode_rollup(other, 6))):
+        part = together.take(together.metrics == metric)
+        assert np.array_equal(part.buckets, alone.buckets + first) and same(part.mins, alone.mins)
+        assert np.array_equal(part.workers, alone.workers) and np.array_equal(part.counts, alone.counts)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blocks import ACTIVITY, COMBINED, TOTAL, Aggregates, concatenate
+from .blocks import ACTIVITY, COMBINED, TOTAL, Aggregates, concatenate, empty
 from .codec import MAX_EXACT, value_scales
 
 _FLOAT_POWERS = 10.0 ** np.arange(16)
@@ -53,11 +53,6 @@ def concatenate_points(parts: list[Points]) -> Points:
         variants=np.concatenate([part.variants for part in parts]),
         values=np.concatenate([part.values for part in parts]),
     )
-
-
-def empty() -> Aggregates:
-    nothing = np.zeros(0, dtype=np.int64)
-    return Aggregates(nothing, nothing, nothing, nothing, np.zeros(0), np.zeros(0), np.zeros(0), nothing, nothing, nothing)
 
 
 def _groups(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -107,28 +107,34 @@ def encode_reports(blocks: list[Reports]) -> list[tuple[bytes, list[str]]]:
     return result
 
 
-def decode_reports(blocks: list[tuple[bytes, list[str]]]) -> list[Reports]:
-    """The reports of each block (data, tasks)."""
+def decode_reports(blocks: list[tuple[bytes, list[str]]], metrics=None) -> list[Reports]:
+    """The reports of each block (data, tasks): every report, with the series of `metrics`
+    (ids; None: every series; empty: none, the reports' times and tasks only). The other
+    series' lanes are not read."""
     if not blocks:
         return []
     data = b"".join(block for block, _ in blocks)
     sizes = np.array([len(block) for block, _ in blocks], dtype=np.int64)
     reader = SectionReader(data, (np.cumsum(sizes) - sizes) * 8)
-    times, run_lengths, run_values, metrics, variants, lane_sizes = (reader.next() for _ in range(6))
-    series_counts = metrics.counts
+    times, run_lengths, run_values, series_metrics, variants, lane_sizes = (reader.next() for _ in range(6))
+    series_counts = series_metrics.counts
     headers_end = (reader.cursors + 7) // 8  # bytes
     starts = np.repeat(headers_end, series_counts) + ranks_within(lane_sizes.integers, series_counts)
-    series = SectionReader(data, starts * 8)
+    wanted = np.ones(len(starts), dtype=bool) if metrics is None else np.isin(series_metrics.integers, np.asarray(metrics, dtype=np.int64))
+    wanted_counts = np.bincount(np.repeat(np.arange(len(blocks)), series_counts)[wanted], minlength=len(blocks))
+    series = SectionReader(data, starts[wanted] * 8)
     presence = series.next()
     values = series.next()
     value_floats = values.floats()
+    chosen_metrics, chosen_variants = series_metrics.integers[wanted], variants.integers[wanted]
     result = []
     lane = 0
     for index, (_, tasks) in enumerate(blocks):
         run_of = np.repeat(run_values.lane_values(index, as_float=False), run_lengths.lane_values(index, as_float=False))
         names = [None, *tasks]
         block_values, block_present = [], []
-        for _ in range(series_counts[index]):
+        first = lane
+        for _ in range(wanted_counts[index]):
             block_values.append(value_floats[values.offsets[lane] : values.offsets[lane + 1]])
             indices = presence.integers[presence.offsets[lane] : presence.offsets[lane + 1]]
             block_present.append(indices if len(indices) else None)
@@ -137,8 +143,8 @@ def decode_reports(blocks: list[tuple[bytes, list[str]]]) -> list[Reports]:
             Reports(
                 times=times.lane_values(index, as_float=False),
                 tasks=[names[i] for i in run_of],
-                metrics=metrics.lane_values(index, as_float=False),
-                variants=variants.lane_values(index, as_float=False),
+                metrics=chosen_metrics[first:lane],
+                variants=chosen_variants[first:lane],
                 values=block_values,
                 present=block_present,
             )
@@ -175,6 +181,11 @@ class Aggregates:
 
 _AGGREGATE_FIELDS = ("metrics", "workers", "variants", "buckets", "mins", "maxs", "sums", "exact_sums", "scales", "counts")
 COMBINED = -2  # the variant code of a row over all variants
+
+
+def empty() -> Aggregates:
+    nothing = np.zeros(0, dtype=np.int64)
+    return Aggregates(nothing, nothing, nothing, nothing, np.zeros(0), np.zeros(0), np.zeros(0), nothing, nothing, nothing)
 
 
 def concatenate(parts: list[Aggregates]) -> Aggregates:
@@ -252,33 +263,58 @@ def decode_rollup(
 ) -> Aggregates:
     """A rollup block's rows (sorted by worker, variant, bucket); without `variants`, only
     the rows over all variants; with `workers`, only theirs."""
-    chosen = np.arange(len(block.workers)) if workers is None else np.flatnonzero(np.isin(block.workers, workers))
-    reader = SectionReader(block.data, block.offsets[chosen] * 8)
+    if workers is not None:
+        chosen = np.flatnonzero(np.isin(block.workers, workers))
+        block = RollupBlock(block.workers[chosen], block.offsets[chosen], block.data)
+    return decode_rollups([(block, metric, 0)], variants)
+
+
+def decode_rollups(parts: list[tuple[RollupBlock, int, int]], variants: bool = True) -> Aggregates:
+    """The rows of many rollup blocks, (block, metric, its first bucket) each, read in one
+    pass (the lanes of every block in lockstep): buckets counted from the epoch, each
+    block's rows sorted by worker, variant, bucket."""
+    parts = [part for part in parts if len(part[0].workers)]
+    if not parts:
+        return empty()
+    sizes = np.array([len(block.data) for block, _, _ in parts], dtype=np.int64)
+    lanes = np.array([len(block.workers) for block, _, _ in parts], dtype=np.int64)
+    block_of = np.repeat(np.arange(len(parts)), lanes)
+    data = b"".join(block.data for block, _, _ in parts)
+    starts = np.concatenate([block.offsets for block, _, _ in parts]) + (np.cumsum(sizes) - sizes)[block_of]
+    workers = np.concatenate([block.workers for block, _, _ in parts])
+    metrics = np.array([metric for _, metric, _ in parts], dtype=np.int64)[block_of]
+    firsts = np.array([first for _, _, first in parts], dtype=np.int64)[block_of]
+    reader = SectionReader(data, starts * 8)
     codes = reader.next()
-    sizes = reader.next()
-    rows = _read_aggregates(reader, metric, block.workers[chosen], np.full(len(chosen), COMBINED))
+    variant_sizes = reader.next()
+    rows = _read_aggregates(reader, metrics, workers, np.full(len(workers), COMBINED), firsts)
     if not variants or not len(codes.integers):
         return rows
     # Each worker's variant lanes follow its combined lane, one after the other.
-    per_worker = codes.counts
-    lane_starts = np.repeat((reader.cursors + 7) // 8, per_worker) + ranks_within(sizes.integers, per_worker)
+    per_lane = codes.counts
+    lane_starts = np.repeat((reader.cursors + 7) // 8, per_lane) + ranks_within(variant_sizes.integers, per_lane)
     variant_rows = _read_aggregates(
-        SectionReader(block.data, lane_starts * 8), metric, np.repeat(block.workers[chosen], per_worker), codes.integers
-    )
+        SectionReader(data, lane_starts * 8), np.repeat(metrics, per_lane), np.repeat(workers, per_lane),
+        codes.integers, np.repeat(firsts, per_lane),
+    )  # fmt: skip
     both = concatenate([rows, variant_rows])
-    return both.take(np.lexsort((both.buckets, both.variants, both.workers)))
+    return both.take(np.lexsort((both.buckets, both.variants, both.workers, both.metrics)))
 
 
-def _read_aggregates(reader: SectionReader, metric: int, workers: np.ndarray, variants: np.ndarray) -> Aggregates:
+def _read_aggregates(
+    reader: SectionReader, metrics: np.ndarray, workers: np.ndarray, variants: np.ndarray, firsts: np.ndarray
+) -> Aggregates:
+    """The next lane of aggregates of every lane (their metric, worker, variant and first
+    bucket given per lane)."""
     buckets = reader.next()
     mins, maxs, sums, counts = reader.next(), reader.next(), reader.next(), reader.next()
     per_lane = buckets.counts
     scales = np.where((sums.kinds >> 4) == RAW, -1, sums.kinds & 15)
     return Aggregates(
-        metrics=np.full(int(per_lane.sum()), metric, dtype=np.int64),
+        metrics=np.repeat(metrics, per_lane),
         workers=np.repeat(workers, per_lane),
         variants=np.repeat(variants, per_lane),
-        buckets=buckets.integers,
+        buckets=buckets.integers + np.repeat(firsts, per_lane),
         mins=_filled(mins, per_lane),
         maxs=_filled(maxs, per_lane),
         sums=sums.floats(),

@@ -123,7 +123,8 @@ async def _fetch(conn, company: str, pieces: list[Segment], metrics, workers) ->
     fetched = []
     for piece in pieces:
         if piece.source == RAW:
-            fetched.append(await raw.fetch(conn, _micros(piece.low), _micros(piece.high), workers, values=metrics is not None))
+            wanted = [] if metrics is None else metrics  # activity: who reported, no values
+            fetched.append(await raw.fetch(conn, _micros(piece.low), _micros(piece.high), workers, metrics=wanted))
         else:
             wanted = [ACTIVITY] if metrics is None else metrics
             tier = _tier(piece.source)

@@ -66,27 +66,31 @@ class Fetched:
     layouts: dict  # layout id -> (metric ids, variant codes)
     low_us: int
     high_us: int
+    metrics: list | None  # the metric ids whose values are read (None: all)
 
 
-async def fetch(db: asyncpg.Connection, low_us: int, high_us: int, workers=None, *, values: bool = True) -> Fetched:
+async def fetch(db: asyncpg.Connection, low_us: int, high_us: int, workers=None, *, metrics=None) -> Fetched:
     """Every report timed in [low_us, high_us) of `workers` (ids; None: every worker), as
-    read; `points` decodes them (CPU work a caller may run in a thread). Without `values`,
-    the report rows' values are left out (their blocks' are decoded anyway).
+    read; `points` decodes them (CPU work a caller may run in a thread), with the values of
+    `metrics` (ids; None: all; empty: none, who reported when with which task). Report rows'
+    values are read whole unless none are wanted; blocks' series of other metrics are not
+    decoded.
 
     Call it in a repeatable-read transaction: the rows are read first, which keeps their chunk
     from being dropped by a compaction meanwhile, then the blocks, as of the same snapshot; a
     report is then seen once, either as a row or in its block."""
     low, high = micros_time(low_us), micros_time(high_us)
     worker_ids = None if workers is None else [int(worker) for worker in workers]
+    values = metrics is None or len(metrics) > 0
     rows = await db.fetchrow(_ROWS if values else _REPORT_ONLY_ROWS, low, high, worker_ids)
     block_rows = await db.fetch(_BLOCKS, low, high, worker_ids)
-    return Fetched(rows, block_rows, await _layouts(db, rows), low_us, high_us)
+    return Fetched(rows, block_rows, await _layouts(db, rows), low_us, high_us, metrics)
 
 
 def points(fetched: Fetched) -> Points:
     return concatenate_points([
         rows_points(fetched.rows, fetched.layouts),
-        blocks_to_points(fetched.block_rows, fetched.low_us, fetched.high_us),
+        blocks_to_points(fetched.block_rows, fetched.low_us, fetched.high_us, fetched.metrics),
     ])
 
 
@@ -133,11 +137,12 @@ def rows_points(rows: asyncpg.Record, known: dict) -> Points:
     )
 
 
-def blocks_to_points(rows: list, low_us: int | None = None, high_us: int | None = None) -> Points:
-    """Points of report block rows (worker, start, tasks, data), those in [low_us, high_us)."""
+def blocks_to_points(rows: list, low_us: int | None = None, high_us: int | None = None, metrics=None) -> Points:
+    """Points of report block rows (worker, start, tasks, data), those in [low_us, high_us),
+    with the values of `metrics` (see `decode_reports`)."""
     if not rows:
         return empty_points()
-    decoded = blocks.decode_reports([(row["data"], list(row["tasks"])) for row in rows])
+    decoded = blocks.decode_reports([(row["data"], list(row["tasks"])) for row in rows], metrics)
     parts = []
     for row, reports in zip(rows, decoded):
         count = len(reports.times)

@@ -281,9 +281,7 @@ def decode(fetched: list[tuple], tier: Tier, low: int, high: int, variants: bool
     """The rows of fetched blocks for buckets in [low, high), with absolute buckets."""
     if not fetched:
         return empty()
-    rows = blocks.concatenate([
-        _absolute(blocks.decode_rollup(block, metric, variants=variants), start, tier) for start, metric, block in fetched
-    ])
+    rows = blocks.decode_rollups([(block, metric, start // tier.seconds) for start, metric, block in fetched], variants)
     first, last = low // tier.seconds, high // tier.seconds
     return rows.take((rows.buckets >= first) & (rows.buckets < last))
 
@@ -293,11 +291,6 @@ async def read(
 ) -> blocks.Aggregates:
     """`fetch`, decoded."""
     return decode(await fetch(db, tier, company, metrics, low, high, workers), tier, low, high, variants)
-
-
-def _absolute(rows: blocks.Aggregates, start: int, tier: Tier) -> blocks.Aggregates:
-    rows.buckets = rows.buckets + start // tier.seconds
-    return rows
 
 
 async def write(db, tier: Tier, company: str, rows: blocks.Aggregates) -> None:
@@ -331,7 +324,7 @@ async def replace(db, tier: Tier, company: str, workers: np.ndarray, low: int, h
     )  # fmt: skip
     for row in rows:
         block = blocks.RollupBlock(np.array(row["workers"], dtype=np.int64), np.array(row["offsets"], dtype=np.int64), row["data"])
-        kept = _absolute(blocks.decode_rollup(block, row["metric"], variants=tier.variants), row["start"], tier)
+        kept = blocks.decode_rollups([(block, row["metric"], row["start"] // tier.seconds)], tier.variants)
         seconds = kept.buckets * tier.seconds
         kept = kept.take(~(np.isin(kept.workers, workers) & (seconds >= low) & (seconds < high)))
         await db.execute(_DELETE_BLOCK.format(table=tier.table), row["tableoid"], row["ctid"])
