@@ -76,15 +76,18 @@ async def connect_refresher(dsn: str) -> asyncpg.Connection:
 
 
 async def refresh_rollups_on(
-    conn: asyncpg.Connection, settings: Settings, refresher: Refresher | None = None
+    conn: asyncpg.Connection, settings: Settings, refresher: Refresher | None = None, *, always_compact: bool = True
 ) -> tuple[list[RefreshResult], CompactionResult] | None:
-    """`refresh_rollups` on `conn`. A `refresher` kept between calls remembers the open buckets."""
+    """`refresh_rollups` on `conn`. A `refresher` kept between calls remembers the open buckets.
+    Without `always_compact`, compaction runs only after a pass that moved the rollups or took
+    late reports: nothing else gives it anything new to pack or merge."""
     refresher = refresher or Refresher(settings.retention, lag=settings.rollup_lag_seconds)
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", rollups.REFRESH_LOCK):
         return None
     try:
         steps = await refresher.refresh(conn)
-        compacted = await compaction.compact(conn)
+        moved = any(step.new_watermark > step.old_watermark or step.invalidations for step in steps)
+        compacted = await compaction.compact(conn) if always_compact or moved else CompactionResult()
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", rollups.REFRESH_LOCK)
     for step in steps:
@@ -118,7 +121,7 @@ async def refresh_rollups_forever(settings: Settings) -> None:
         try:
             if conn is None or conn.is_closed():
                 conn = await connect_refresher(settings.db_dsn)
-            await refresh_rollups_on(conn, settings, refresher)
+            await refresh_rollups_on(conn, settings, refresher, always_compact=False)
         except BaseException:
             if conn is not None:
                 conn.terminate()  # its session, and any advisory lock, go with it
