@@ -1,5 +1,6 @@
 """The eight `workers.*` endpoints (SPEC §2): validate the body, call storage, shape the answer."""
 
+import asyncio
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -144,6 +145,9 @@ async def get_metric_keys(call: Call) -> dict:
     }
 
 
+THREADED_ANSWER_SERIES = 100  # get_stats answers of more series than this are made in a thread
+
+
 def _bucket_starts(from_date: float, to_date: float, interval: int, limit: int) -> list[int]:
     """The start of every bucket to return (SPEC §2, get_stats): aligned to the epoch, from
     the one holding from_date to the one holding to_date, the last dropped when it starts
@@ -229,7 +233,17 @@ async def get_stats(call: Call) -> dict:
         split_by_variant=body["split_by_variant"],
     )
     limits.check_series_buckets(call.settings, len(found), len(buckets))
-    series: dict[str, dict[tuple[str, str | None], dict[str, list]]] = defaultdict(dict)  # by worker
+    # A fleet's answer is thousands of series: made in a thread, as the chart was, so that the
+    # event loop goes on answering status reports meanwhile.
+    if len(found) > THREADED_ANSWER_SERIES:
+        return {"workers": await asyncio.to_thread(_stats_answer, found, buckets, aggregations)}
+    return {"workers": _stats_answer(found, buckets, aggregations)}
+
+
+def _stats_answer(found: charts.Series, buckets: list[int], aggregations: dict[str, list[str]]) -> list[dict]:
+    """get_stats' `workers`: per worker (sorted), its metrics (in the order asked for, then by
+    variant), each with its dates and one list of values per aggregation asked for."""
+    series: dict[str, dict[tuple[str, str | None], dict[str, np.ndarray]]] = defaultdict(dict)  # by worker
     for (worker, metric, variant), values in found.items():
         series[worker][(metric, variant)] = values
     metric_order = {metric: index for index, metric in enumerate(aggregations)}
@@ -250,7 +264,7 @@ async def get_stats(call: Call) -> dict:
             ]
             metrics.append(entry)
         workers.append({"worker": worker, "metrics": metrics})
-    return {"workers": workers}
+    return workers
 
 
 async def get_activity_report(call: Call) -> dict:

@@ -118,8 +118,10 @@ def _timeout() -> ApiError:
     )
 
 
-async def _fetch(conn, company: str, pieces: list[Segment], metrics, workers) -> list:
-    """Each segment's data as read (raw reports, or a tier's blocks); `_rows` decodes them."""
+async def _fetch(conn, company: str, pieces: list[Segment], metrics, workers, every_worker: bool) -> list:
+    """Each segment's data as read (raw reports, or a tier's blocks); `_rows` decodes them.
+    `workers`: the ids asked for; `every_worker`: they are all the company's, so rollup
+    blocks are read whole rather than a worker's lanes at a time."""
     fetched = []
     for piece in pieces:
         if piece.source == RAW:
@@ -128,7 +130,8 @@ async def _fetch(conn, company: str, pieces: list[Segment], metrics, workers) ->
         else:
             wanted = [ACTIVITY] if metrics is None else metrics
             tier = _tier(piece.source)
-            fetched.append(await rollups.fetch(conn, tier, company, wanted, int(piece.low), int(piece.high), workers))
+            lanes_of = None if every_worker else workers
+            fetched.append(await rollups.fetch(conn, tier, company, wanted, int(piece.low), int(piece.high), lanes_of))
     return fetched
 
 
@@ -192,7 +195,8 @@ async def stats(
         metric_ids = await ids.metrics_by_name(conn, company, metrics)
         if not workers or not metric_ids:
             return None
-        return known_workers, metric_ids, await _fetch(conn, company, pieces, list(metric_ids.values()), workers)
+        fetched = await _fetch(conn, company, pieces, list(metric_ids.values()), workers, every_worker=not worker_ids)
+        return known_workers, metric_ids, fetched
 
     found = await _read(pool, read)
     if found is None:
@@ -239,7 +243,7 @@ async def activity(pool, company: str, pieces: list[Segment], *, interval: int, 
 
     async def read(conn):
         workers = list((await ids.workers_of_company(conn, company)).values())
-        return await _fetch(conn, company, pieces, None, workers) if workers else None
+        return await _fetch(conn, company, pieces, None, workers, every_worker=True) if workers else None
 
     fetched = await _read(pool, read)
     if fetched is None:

@@ -43,7 +43,6 @@ MAX_SCALE = 15
 MAX_EXACT = 2**53  # scaled integers and their differences stay exact in float64 and int64
 
 _POWERS = 10.0 ** np.arange(MAX_SCALE + 1)
-_SLOTS = np.arange(MINIBLOCK)
 _PADDING = 8 + (MINIBLOCK * 57) // 8 + 8
 
 
@@ -453,8 +452,8 @@ class SectionReader:
     """Reads sections in lockstep: lane i starts at bit `starts[i]` of `data`."""
 
     def __init__(self, data: bytes, starts=(0,)):
-        # As native 64-bit words, with zero padding so that a last miniblock read as if it
-        # were whole stays within the buffer.
+        # As native 64-bit words, with zero padding so that every read (a value, and the
+        # word after it) stays within the buffer.
         size = -(-(len(data) + _PADDING) // 8) * 8
         padded = bytes(data) + bytes(size - len(data))
         self._words = np.frombuffer(padded, dtype=">u8").astype(np.uint64)
@@ -538,9 +537,10 @@ class SectionReader:
         self.cursors[lanes] = data_start + lane_bits
         if integers is None:
             return
-        # Every miniblock read as 32 residuals (past its end: padding), the real ones kept.
-        positions = block_start[:, None] + widths[:, None] * _SLOTS
-        residuals = self._read(positions, widths[:, None])[_SLOTS < sizes[:, None]].astype(np.int64)
+        # Each residual at its place in its miniblock.
+        block_of = np.repeat(np.arange(len(widths)), sizes)
+        residual_widths = widths[block_of]
+        residuals = self._read(block_start[block_of] + residual_widths * ranks(sizes), residual_widths).astype(np.int64)
         # Residuals to values: FOR: ref + gcd * residual; DELTA / DELTA_FOR: ref, then ref
         # plus the running sum of gcd * step.
         lane_of = np.repeat(np.arange(len(lanes)), residual_counts)
