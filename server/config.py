@@ -41,8 +41,8 @@ class Settings:
     # as the 1-minute tier, which reads a variant's minutes from them)
     raw_retention_days: float = 14.0
     rollup_1m_retention_days: float = 14.0
-    rollup_10m_retention_days: float = 400.0
-    rollup_1h_retention_days: float = 1830.0
+    rollup_10m_retention_days: float = 90.0
+    rollup_1h_retention_days: float = 400.0
     retention_sweep_seconds: float = 3600.0
     rollup_refresh_seconds: float = 10.0
     rollup_lag_seconds: float = 10.0
