@@ -60,6 +60,29 @@ async def test_concurrent_reports_are_all_stored(client, db_conn):
     assert await db_conn.fetchval("SELECT count(*) FROM worker_registrations") == 20
 
 
+async def test_clients_waiting_for_their_answers_are_not_held_back_by_the_gather(dsn, db_conn, company):
+    """40 clients each send their next report once the last is stored: enough reports wait
+    at once for the writer to take them without waiting out its gather (a whole second here),
+    and every one is stored."""
+    writer = ReportWriter(dsn, gather=1.0)
+    await writer.start()
+    start = time.time() - 600
+
+    async def client(number: int) -> None:
+        for sent in range(5):
+            await writer.write(_report(company, f"c{number}", start + sent))
+
+    try:
+        began = time.monotonic()
+        await asyncio.gather(*(client(number) for number in range(40)))
+        elapsed = time.monotonic() - began
+    finally:
+        await writer.close()
+    assert elapsed < 2.5, f"5 rounds of 40 reports took {elapsed:.1f} s: the writer waited out its gather"
+    assert await db_conn.fetchval("SELECT count(*) FROM recent_reports") + await db_conn.fetchval(
+        "SELECT count(*) FROM late_reports") == 200
+
+
 async def test_reports_of_one_worker_in_one_batch_merge_their_registration_updates(dsn, db_conn, company):
     writer = ReportWriter(dsn, gather=0.2)
     await writer.start()

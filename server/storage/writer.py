@@ -11,10 +11,12 @@ stored; one that was not stored is answered 503 (the daemon retries).
 
 Several such tasks (`connections`) take batches in turn, so that one batch is being built
 and answered while another is in the database. A free task takes what is queued once
-`gather` has passed since the last batch was taken: while reports keep arriving (a fleet
-at its rate, one report every few milliseconds) a transaction stores several of them instead
-of each its own, which is most of what a report costs PostgreSQL; a report after a quiet
-spell is taken at once. Under a saturating load the batches grow up to `batch_size`.
+`gather` has passed since the last batch was taken, or as soon as GATHER_ENOUGH reports wait:
+while reports keep arriving (a fleet at its rate, one report every few milliseconds) a
+transaction stores several of them instead of each its own, which is most of what a report
+costs PostgreSQL; a report after a quiet spell is taken at once; and clients that send as
+fast as they are answered (each waiting for its answer) are never held back by the wait.
+Under a saturating load the batches grow up to `batch_size`.
 Concurrent batches lock registrations in the same (sorted) order and cannot deadlock.
 
 The queue is bounded, and while the database is unreachable writes fail at once with 503
@@ -46,6 +48,11 @@ WITH registrations AS ({registrations.REPORTS_UPSERT}),
      late_log AS ({rollups.LATE_REPORTS_LOG}),
 {statistics.REPORTS}
 """
+
+# A free writer task takes the queue at once when this many reports wait: a batch this large
+# already costs PostgreSQL little per report, and waiting longer would only cap the rate of
+# clients that each wait for their answer before sending again.
+GATHER_ENOUGH = 32
 
 # A metric key's last_reported is refreshed at most this often (seconds). The writer
 # caches, per worker, when its keys were last written and which; the cache is forgotten
@@ -101,7 +108,9 @@ class ReportWriter:
         self._answer_timeout = answer_timeout
         self._retry_delay = retry_delay
         self._queue: collections.deque[tuple[Report, asyncio.Future]] = collections.deque()
-        self._wakeup = asyncio.Event()
+        self._wakeup = asyncio.Event()  # a report is queued (or closing)
+        self._enough = asyncio.Event()  # GATHER_ENOUGH reports are queued (or closing)
+        self._enough_reports = min(batch_size, GATHER_ENOUGH)
         self._connections: list[asyncpg.Connection | None] = [None] * connections
         self._unavailable_until = 0.0
         self._known_keys: dict[tuple[str, str], tuple[float, frozenset]] = {}
@@ -119,6 +128,7 @@ class ReportWriter:
         """Stop taking reports, store those already accepted, then disconnect."""
         self._closing = True
         self._wakeup.set()
+        self._enough.set()
         await asyncio.gather(*self._tasks)
         for slot, connection in enumerate(self._connections):
             if connection is not None:
@@ -134,6 +144,8 @@ class ReportWriter:
         stored = loop.create_future()
         self._queue.append((report, stored))
         self._wakeup.set()
+        if len(self._queue) >= self._enough_reports:
+            self._enough.set()
         # Cheaper than asyncio.wait_for on the hot path: one timer, cancelled once stored.
         timer = loop.call_later(self._answer_timeout, self._expire, stored)
         try:
@@ -171,8 +183,12 @@ class ReportWriter:
                 await self._wakeup.wait()
                 continue
             wait = self._last_taken + self._gather - time.monotonic()
-            if wait > 0 and len(self._queue) < self._batch_size and not self._closing:
-                await asyncio.sleep(wait)
+            if wait > 0 and len(self._queue) < self._enough_reports and not self._closing:
+                self._enough.clear()
+                try:
+                    await asyncio.wait_for(self._enough.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
                 continue  # another task may have taken the batch meanwhile
             self._last_taken = time.monotonic()
             count = min(len(self._queue), self._batch_size)
