@@ -47,7 +47,6 @@ import asyncio
 import hashlib
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +73,7 @@ from bench.common import (
     median,
     recreate_database,
     resolve_dsn,
+    run_server_command,
 )
 from bench.history import worker_id
 
@@ -117,17 +117,6 @@ async def database_exists(cluster_dsn: str, name: str) -> bool:
         return await conn.fetchval("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)", name)
     finally:
         await conn.close()
-
-
-def run_server_command(dsn: str, *arguments: str, timeout: float = 7200) -> str:
-    """Run `python -m server ARGUMENTS` on database `dsn`; its standard output."""
-    done = subprocess.run(
-        [sys.executable, "-m", "server", *arguments],
-        cwd=ROOT, env={**os.environ, "WORKERS_DB_DSN": dsn}, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise SystemExit(f"python -m server {' '.join(arguments)} failed:\n{done.stderr.strip()[-3000:]}")
-    return done.stdout.strip()
 
 
 @dataclass

@@ -8,14 +8,6 @@
 # benchmark recreates its own database, default workers_bench_soak, on that database's
 # cluster), then runs python -m bench.soak.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-
-python="$(scripts/setup-venv.sh | tail -n1)"
-
-if [ -z "${WORKERS_DB_DSN:-}" ]; then
-    WORKERS_DB_DSN="$(scripts/local-timescaledb.sh start | tail -n1)"
-    export WORKERS_DB_DSN
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/prepare.sh"
 
 exec "$python" -m bench.soak "$@"
