@@ -64,7 +64,7 @@ class Settings:
     metrics: bool = True
     metrics_credentials: bool = False
     metrics_bind: str = ""
-    # Limits (server/limits.py; README "Limits"): 0 is no limit. Per status report ...
+    # Limits (server/limits.py; docs/limits.md): 0 is no limit. Per status report ...
     max_metric_keys_per_report: int = 64
     max_values_per_metric: int = 1024
     max_values_per_report: int = 2048

@@ -1,4 +1,4 @@
-"""Limits that keep one daemon or one company from exhausting the service (README "Limits").
+"""Limits that keep one daemon or one company from exhausting the service (docs/limits.md).
 
 - Per status report (400/12): metric keys, values per metric and values per report, checked
   by `report_schema` (schemas.MachineStats) before anything else happens.

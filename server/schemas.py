@@ -121,7 +121,7 @@ _VARIANT_NAMES = tuple(str(index) for index in range(1024))
 
 @dataclass(frozen=True)
 class ReportLimits:
-    """Bounds of one status report's machine_stats (README "Limits"); 0 is no limit."""
+    """Bounds of one status report's machine_stats (docs/limits.md); 0 is no limit."""
 
     metric_keys: int = 0
     values_per_metric: int = 0

@@ -1,4 +1,4 @@
-"""Limits (issue #12, README "Limits"): per status report (400/12), per company (429 with
+"""Limits (issue #12, docs/limits.md): per status report (400/12), per company (429 with
 Retry-After: live workers, distinct metric keys, reports per second; defaults and overrides
 set with `python -m server companies ...`), and per get_stats (400/16)."""
 
