@@ -115,7 +115,7 @@ def fetch(url: str, method: str = "GET", body: bytes | None = None, headers: dic
 
 
 def wait_until_ready(base: str, process: subprocess.Popen, timeout: float = 30) -> None:
-    """Wait for GET /readyz to answer 200 (every process started, the database reachable)."""
+    """Wait for GET /readyz to answer 200 (a server process started, the database reachable)."""
     deadline = time.monotonic() + timeout
     while True:
         assert process.poll() is None, f"the server exited with {process.returncode}"

@@ -41,9 +41,15 @@ async def test_processes_serve_the_api_and_drain_on_sigterm(server, dsn, db_conn
     caller = await create_credentials(dsn, "served", "daemon")
     headers = {"Authorization": basic_auth(caller.access_key, caller.secret)}
     await asyncio.to_thread(wait_until_ready, base, process)
-    children = _children(process.pid)
-    refreshers = [pid for pid in children if b"rollups\x00refresh\x00--every" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    servers = [pid for pid in children if pid not in refreshers]
+    # /readyz answers from the first process up; gunicorn spawns the others a moment apart.
+    deadline = time.monotonic() + 30
+    while True:
+        children = _children(process.pid)
+        refreshers = [pid for pid in children if b"rollups\x00refresh\x00--every" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        servers = [pid for pid in children if pid not in refreshers]
+        if len(servers) >= PROCESSES or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert len(refreshers) == 1 and len(servers) == PROCESSES
     # The rollup refresher yields the CPU to the server processes.
     assert os.getpriority(os.PRIO_PROCESS, refreshers[0]) > os.getpriority(os.PRIO_PROCESS, servers[0])
