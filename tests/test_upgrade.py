@@ -115,7 +115,8 @@ async def test_a_jsonb_era_database_upgrades_with_every_value_kept(legacy_dsn):
         before = {view: await _read(conn, view) for view in VIEWS}
         assert len(before["worker_stat_points"]) > 3000
         applied = await db.migrate(conn)
-        assert applied == ["006_compact_storage.sql", "007_compact_legacy.py"]
+        assert applied == [path.name for version, path in db.migration_files() if version >= 6]
+        assert applied[:2] == ["006_compact_storage.sql", "007_compact_legacy.py"]
         after = {view: await _read(conn, view) for view in VIEWS}
         for view in VIEWS:
             _same(before[view], after[view], view)
