@@ -109,6 +109,21 @@ def test_report_blocks_round_trip(seed):
                 assert same(found_values, values)
 
 
+    # The reports before a time only (a chart's partial minute): a prefix of each block, the
+    # later values of its delta sequences not read.
+    encoded = blocks.encode_reports(workers)
+    for cut in rng.integers(1_765_000_000_000_000, 1_765_000_000_000_000 + 4_000_000_000, 6).tolist():
+        for original, part in zip(workers, blocks.decode_reports(encoded, before_us=cut), strict=True):
+            kept = int(np.searchsorted(original.times, cut))
+            assert np.array_equal(part.times, original.times[:kept]) and part.tasks == original.tasks[:kept]
+            for values, present, found_values, found_present in zip(original.values, original.present, part.values,
+                                                                    part.present, strict=True):
+                if present is None or len(present) == 0:
+                    assert found_present is None and same(found_values, values[: kept if present is None else 0])
+                else:
+                    taken = int(np.searchsorted(present, kept))
+                    assert np.array_equal(found_present, present[:taken]) and same(found_values, values[:taken])
+
 def test_rollup_blocks_round_trip():
     rng = np.random.default_rng(3)
     rows = []

@@ -107,12 +107,38 @@ def encode_reports(blocks: list[Reports]) -> list[tuple[bytes, list[str]]]:
     return result
 
 
-def decode_reports(blocks: list[tuple[bytes, list[str]]], metrics=None) -> list[Reports]:
-    """The reports of each block (data, tasks): every report, with the series of `metrics`
-    (ids; None: every series; empty: none, the reports' times and tasks only). The other
-    series' lanes are not read."""
+@dataclass
+class ReportColumns:
+    """The reports of many blocks as flat columns, a block's reports one after the other."""
+
+    blocks: np.ndarray  # per report: the index of its block
+    times: np.ndarray  # per report: int64 µs since the epoch
+    tasks: list  # per report: the task id or None
+    lane_blocks: np.ndarray  # per series lane read: its block's index
+    lane_metrics: np.ndarray
+    lane_variants: np.ndarray
+    lane_counts: np.ndarray  # its values read
+    lane_listed: np.ndarray  # bool: its reports are listed (else it has every report)
+    reports: np.ndarray  # per value: the index of its report in these columns
+    values: np.ndarray  # per value: float64
+
+    @property
+    def metrics(self) -> np.ndarray:
+        return np.repeat(self.lane_metrics, self.lane_counts)
+
+    @property
+    def variants(self) -> np.ndarray:
+        return np.repeat(self.lane_variants, self.lane_counts)
+
+
+def decode_report_columns(blocks: list[tuple[bytes, list[str]]], metrics=None, before_us: int | None = None) -> ReportColumns:
+    """The reports of the blocks (data, tasks): every report, or those timed before
+    `before_us`, with the values of `metrics` (ids; None: every series; empty: none, the
+    reports' times and tasks only). The other series' lanes are not read, nor the values of
+    the later reports (a chart's partial minute early in an hour costs little)."""
+    nothing = np.zeros(0, dtype=np.int64)
     if not blocks:
-        return []
+        return ReportColumns(nothing, nothing, [], nothing, nothing, nothing, nothing, np.zeros(0, bool), nothing, np.zeros(0))
     data = b"".join(block for block, _ in blocks)
     sizes = np.array([len(block) for block, _ in blocks], dtype=np.int64)
     reader = SectionReader(data, (np.cumsum(sizes) - sizes) * 8)
@@ -122,33 +148,59 @@ def decode_reports(blocks: list[tuple[bytes, list[str]]], metrics=None) -> list[
     starts = np.repeat(headers_end, series_counts) + ranks_within(lane_sizes.integers, series_counts)
     wanted = np.ones(len(starts), dtype=bool) if metrics is None else np.isin(series_metrics.integers, np.asarray(metrics, dtype=np.int64))
     wanted_counts = np.bincount(np.repeat(np.arange(len(blocks)), series_counts)[wanted], minlength=len(blocks))
+    # The reports kept: each block's first `kept`.
+    report_block = np.repeat(np.arange(len(blocks)), times.counts)
+    kept = times.counts if before_us is None else np.bincount(report_block[times.integers < before_us], minlength=len(blocks))
+    keep = ranks(times.counts) < kept[report_block]
+    # A report's task: its run's value, 0 (none) or i (its block's tasks[i - 1]).
+    names = [name for _, tasks in blocks for name in (None, *tasks)]
+    name_starts = np.cumsum([len(tasks) + 1 for _, tasks in blocks]) - np.array([len(tasks) + 1 for _, tasks in blocks])
+    task_of = (np.repeat(run_values.integers, run_lengths.integers) + name_starts[report_block])[keep]
+    # The series lanes: which reports carry them (none listed: every report), then their values.
     series = SectionReader(data, starts[wanted] * 8)
     presence = series.next()
-    values = series.next()
-    value_floats = values.floats()
-    chosen_metrics, chosen_variants = series_metrics.integers[wanted], variants.integers[wanted]
+    lane_kept = np.repeat(kept, wanted_counts)
+    presence_lane = np.repeat(np.arange(len(lane_kept)), presence.counts)
+    presence_keep = presence.integers < lane_kept[presence_lane]
+    limits = np.where(presence.counts > 0, np.bincount(presence_lane[presence_keep], minlength=len(lane_kept)), lane_kept)
+    values = series.next(limits=limits)
+    in_block = ranks(values.counts)  # a value's report within its block: its rank, or as listed
+    in_block[np.repeat(presence.counts > 0, values.counts)] = presence.integers[presence_keep]
+    first_report = np.cumsum(kept) - kept
+    lane_blocks = np.repeat(np.arange(len(blocks)), wanted_counts)
+    return ReportColumns(
+        blocks=report_block[keep],
+        times=times.integers[keep],
+        tasks=[names[i] for i in task_of.tolist()],
+        lane_blocks=lane_blocks,
+        lane_metrics=series_metrics.integers[wanted],
+        lane_variants=variants.integers[wanted],
+        lane_counts=values.counts,
+        lane_listed=presence.counts > 0,
+        reports=np.repeat(first_report[lane_blocks], values.counts) + in_block,
+        values=values.floats(),
+    )
+
+
+def decode_reports(blocks: list[tuple[bytes, list[str]]], metrics=None, before_us: int | None = None) -> list[Reports]:
+    """`decode_report_columns`, as each block's Reports."""
+    columns = decode_report_columns(blocks, metrics, before_us)
+    report_bounds = np.searchsorted(columns.blocks, np.arange(len(blocks) + 1))
+    lane_bounds = np.searchsorted(columns.lane_blocks, np.arange(len(blocks) + 1))
+    value_bounds = np.concatenate([[0], np.cumsum(columns.lane_counts)])
     result = []
-    lane = 0
-    for index, (_, tasks) in enumerate(blocks):
-        run_of = np.repeat(run_values.lane_values(index, as_float=False), run_lengths.lane_values(index, as_float=False))
-        names = [None, *tasks]
-        block_values, block_present = [], []
-        first = lane
-        for _ in range(wanted_counts[index]):
-            block_values.append(value_floats[values.offsets[lane] : values.offsets[lane + 1]])
-            indices = presence.integers[presence.offsets[lane] : presence.offsets[lane + 1]]
-            block_present.append(indices if len(indices) else None)
-            lane += 1
-        result.append(
-            Reports(
-                times=times.lane_values(index, as_float=False),
-                tasks=[names[i] for i in run_of],
-                metrics=chosen_metrics[first:lane],
-                variants=chosen_variants[first:lane],
-                values=block_values,
-                present=block_present,
-            )
-        )
+    for index in range(len(blocks)):
+        first, last = report_bounds[index], report_bounds[index + 1]
+        lanes = range(lane_bounds[index], lane_bounds[index + 1])
+        result.append(Reports(
+            times=columns.times[first:last],
+            tasks=columns.tasks[first:last],
+            metrics=columns.lane_metrics[lanes.start : lanes.stop],
+            variants=columns.lane_variants[lanes.start : lanes.stop],
+            values=[columns.values[value_bounds[lane] : value_bounds[lane + 1]] for lane in lanes],
+            present=[columns.reports[value_bounds[lane] : value_bounds[lane + 1]] - first if columns.lane_listed[lane] else None
+                     for lane in lanes],
+        ))  # fmt: skip
     return result
 
 

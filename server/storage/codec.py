@@ -452,22 +452,22 @@ class SectionReader:
     """Reads sections in lockstep: lane i starts at bit `starts[i]` of `data`."""
 
     def __init__(self, data: bytes, starts=(0,)):
-        # As native 64-bit words, with zero padding so that every read (a value, and the
-        # word after it) stays within the buffer.
-        size = -(-(len(data) + _PADDING) // 8) * 8
-        padded = bytes(data) + bytes(size - len(data))
-        self._words = np.frombuffer(padded, dtype=">u8").astype(np.uint64)
-        self._bytes = padded
+        # The 64 bits from every byte on (a view, not a copy), with zero padding so that
+        # every read stays within the buffer.
+        padded = bytes(data) + bytes(_PADDING)
+        self._windows = np.ndarray(shape=(len(padded) - 7,), dtype=">u8", buffer=padded, strides=(1,))
         self.cursors = np.array(starts, dtype=np.int64)
 
     def _read(self, positions: np.ndarray, widths) -> np.ndarray:
-        """The unsigned integer of `widths` bits (<= 57) at each bit position."""
-        index = positions >> 6
-        offset = (positions & 63).astype(np.uint64)
-        # The 64 bits from the position on, from the two words it spans; shifts by 64 are
-        # undefined, hence the two-step shifts (an offset or a width of 0 reads 0).
-        window = (self._words[index] << offset) | ((self._words[index + 1] >> np.uint64(1)) >> (np.uint64(63) - offset))
-        return (window >> (63 - np.asarray(widths, dtype=np.int64)).astype(np.uint64)) >> np.uint64(1)
+        """The unsigned integer of `widths` bits (<= 57) at each bit position: within the
+        64 bits from its byte on (a position's offset in its byte is at most 7). Shifts by
+        64 are undefined, hence the two-step shift (a width of 0 reads 0)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        window = self._windows[positions >> 3].astype(np.uint64)
+        np.left_shift(window, (positions & 7).view(np.uint64), out=window)
+        np.right_shift(window, np.uint64(1), out=window)
+        np.right_shift(window, (63 - np.asarray(widths, dtype=np.int64)).astype(np.uint64), out=window)
+        return window
 
     def _var(self, lanes: np.ndarray) -> np.ndarray:
         cursors = self.cursors[lanes]
@@ -481,37 +481,39 @@ class SectionReader:
         self.cursors[lanes] = cursors + width
         return self._read(cursors, width).astype(np.int64)
 
-    def next(self, lanes: np.ndarray | None = None, skip: bool = False) -> "Sequences | None":
+    def next(self, lanes: np.ndarray | None = None, skip: bool = False, limits: np.ndarray | None = None) -> "Sequences | None":
         """The next sequence of each lane in `lanes` (default: every lane); with `skip`,
-        only moves past it."""
+        only moves past it; with `limits` (per lane), only its first `limits[i]` values are
+        read (a delta sequence's later values cost nothing then, earlier ones must be read)."""
         if lanes is None:
             lanes = np.arange(len(self.cursors))
         lanes = np.asarray(lanes, dtype=np.int64)
         counts = self._var(lanes).astype(np.int64)
         kinds = self._fixed(lanes, KIND_BITS)
         modes = kinds >> 4
+        taken = counts if limits is None else np.minimum(counts, np.asarray(limits, dtype=np.int64))
         offsets = np.zeros(len(lanes) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
+        np.cumsum(taken, out=offsets[1:])
         integers = None if skip else np.zeros(int(offsets[-1]), dtype=np.int64)
         raw = (modes == RAW) & (counts > 0)
         if raw.any():
-            self._read_raw(lanes[raw], counts[raw], offsets[:-1][raw], integers)
+            self._read_raw(lanes[raw], counts[raw], taken[raw], offsets[:-1][raw], integers)
         packed = (modes != RAW) & (counts > 0)
         if packed.any():
-            self._read_packed(lanes[packed], counts[packed], modes[packed], offsets[:-1][packed], integers)
+            self._read_packed(lanes[packed], counts[packed], taken[packed], modes[packed], offsets[:-1][packed], integers)
         return None if skip else Sequences(lanes, kinds, offsets, integers)
 
-    def _read_raw(self, lanes, counts, outputs, integers) -> None:
+    def _read_raw(self, lanes, counts, taken, outputs, integers) -> None:
         cursors = (self.cursors[lanes] + 7) // 8 * 8
         self.cursors[lanes] = cursors + 64 * counts
         if integers is None:
             return
-        rank = ranks(counts)
-        words = self._read(np.repeat(cursors, counts) + 64 * rank, 32) << np.uint64(32)
-        words |= self._read(np.repeat(cursors, counts) + 64 * rank + 32, 32)
-        integers[np.repeat(outputs, counts) + rank] = words.view(np.int64)
+        rank = ranks(taken)
+        words = self._read(np.repeat(cursors, taken) + 64 * rank, 32) << np.uint64(32)
+        words |= self._read(np.repeat(cursors, taken) + 64 * rank + 32, 32)
+        integers[np.repeat(outputs, taken) + rank] = words.view(np.int64)
 
-    def _read_packed(self, lanes, counts, modes, outputs, integers) -> None:
+    def _read_packed(self, lanes, counts, taken, modes, outputs, integers) -> None:
         gcds = self._var(lanes).astype(np.int64)
         refs = _unzigzag(self._var(lanes))
         bases = np.zeros(len(lanes), dtype=np.int64)
@@ -537,27 +539,31 @@ class SectionReader:
         self.cursors[lanes] = data_start + lane_bits
         if integers is None:
             return
-        # Each residual at its place in its miniblock.
-        block_of = np.repeat(np.arange(len(widths)), sizes)
-        residual_widths = widths[block_of]
-        residuals = self._read(block_start[block_of] + residual_widths * ranks(sizes), residual_widths).astype(np.int64)
+        # The residuals read: all of them, or those of the values taken (a delta sequence's
+        # first value is its ref).
+        residual_counts = np.maximum(taken - ~is_for, 0)
+        sizes = np.clip(np.repeat(residual_counts, miniblocks) - MINIBLOCK * ranks(miniblocks), 0, sizes)
+        # Each residual at its place in its miniblock (np.repeat rather than gathers: one
+        # sequential pass each; this is most of a chart's raw read).
+        residual_widths = np.repeat(widths, sizes)
+        positions = np.repeat(block_start, sizes) + residual_widths * ranks(sizes)
+        residuals = self._read(positions, residual_widths).view(np.int64)  # < 2^57
         # Residuals to values: FOR: ref + gcd * residual; DELTA / DELTA_FOR: ref, then ref
         # plus the running sum of gcd * step.
-        lane_of = np.repeat(np.arange(len(lanes)), residual_counts)
-        steps = np.where(
-            (modes == DELTA)[lane_of],
-            (residuals >> 1) ^ -(residuals & 1),
-            residuals + bases[lane_of],
-        ) * gcds[lane_of]
+        per_residual = lambda column: np.repeat(column, residual_counts)  # noqa: E731
+        steps = np.where(per_residual(modes == DELTA), (residuals >> 1) ^ -(residuals & 1), residuals + per_residual(bases))
+        steps *= per_residual(gcds)
         running = np.cumsum(steps)
         residual_starts = np.cumsum(residual_counts) - residual_counts
         before = np.zeros(len(lanes), dtype=np.int64)
         nonempty = residual_counts > 0
         before[nonempty] = running[residual_starts[nonempty]] - steps[residual_starts[nonempty]]
-        values = refs[lane_of] + np.where(is_for[lane_of], steps, running - before[lane_of])
+        values = np.where(per_residual(is_for), steps, running - per_residual(before))
+        values += per_residual(refs)
         shift = outputs - residual_starts + ~is_for
-        integers[np.arange(len(values)) + shift[lane_of]] = values
-        integers[outputs[~is_for]] = refs[~is_for]
+        integers[np.arange(len(values)) + per_residual(shift)] = values
+        first = ~is_for & (taken > 0)
+        integers[outputs[first]] = refs[first]
 
 
 def ranks(counts: np.ndarray) -> np.ndarray:

@@ -139,28 +139,21 @@ def rows_points(rows: asyncpg.Record, known: dict) -> Points:
 
 def blocks_to_points(rows: list, low_us: int | None = None, high_us: int | None = None, metrics=None) -> Points:
     """Points of report block rows (worker, start, tasks, data), those in [low_us, high_us),
-    with the values of `metrics` (see `decode_reports`)."""
+    with the values of `metrics` (see `blocks.decode_report_columns`)."""
     if not rows:
         return empty_points()
-    decoded = blocks.decode_reports([(row["data"], list(row["tasks"])) for row in rows], metrics)
-    parts = []
-    for row, reports in zip(rows, decoded):
-        count = len(reports.times)
-        series_reports = [np.arange(count) if p is None else p for p in reports.present]
-        lengths = np.array([len(r) for r in series_reports], dtype=np.int64)
-        points = Points(
-            report_workers=np.full(count, row["worker"], dtype=np.int64),
-            report_times=reports.times,
-            report_tasks=reports.tasks,
-            reports=np.concatenate(series_reports) if series_reports else np.zeros(0, np.int64),
-            metrics=np.repeat(reports.metrics, lengths),
-            variants=np.repeat(reports.variants, lengths),
-            values=np.concatenate(reports.values) if reports.values else np.zeros(0),
-        )
-        if low_us is not None:
-            points = within(points, low_us, high_us)
-        parts.append(points)
-    return concatenate_points(parts)
+    columns = blocks.decode_report_columns([(row["data"], list(row["tasks"])) for row in rows], metrics, high_us)
+    workers = np.array([row["worker"] for row in rows], dtype=np.int64)
+    points = Points(
+        report_workers=workers[columns.blocks],
+        report_times=columns.times,
+        report_tasks=columns.tasks,
+        reports=columns.reports,
+        metrics=columns.metrics,
+        variants=columns.variants,
+        values=columns.values,
+    )
+    return points if low_us is None else within(points, low_us, high_us)
 
 
 def within(points: Points, low_us: int, high_us: int) -> Points:
