@@ -124,6 +124,26 @@ def test_report_blocks_round_trip(seed):
                     taken = int(np.searchsorted(present, kept))
                     assert np.array_equal(found_present, present[:taken]) and same(found_values, values[:taken])
 
+    # A time range [since, before) (a chart's raw read): every value of its reports, whatever
+    # else comes with them (earlier reports' values of delta sequences).
+    for since in rng.integers(1_765_000_000_000_000, 1_765_000_000_000_000 + 4_000_000_000, 6).tolist():
+        before = since + int(rng.integers(0, 100_000_000))
+        columns = blocks.decode_report_columns(encoded, None, before, since)
+        inside = (columns.times >= since) & (columns.times < before)
+        chosen = inside[columns.reports]
+        found = sorted(zip(columns.blocks[columns.reports[chosen]].tolist(), columns.times[columns.reports[chosen]].tolist(),
+                           columns.metrics[chosen].tolist(), columns.variants[chosen].tolist(),
+                           columns.values[chosen].view(np.int64).tolist()))
+        expected = sorted(
+            (index, int(original.times[report]), int(metric), int(variant), int(np.float64(value).view(np.int64)))
+            for index, original in enumerate(workers)
+            for metric, variant, values, present in zip(original.metrics, original.variants, original.values, original.present)
+            for report, value in zip(np.arange(len(original.times)) if present is None else present, values)
+            if since <= original.times[report] < before
+        )
+        assert found == expected
+        assert np.array_equal(columns.times[inside], np.concatenate([w.times[(w.times >= since) & (w.times < before)] for w in workers]))
+
 def test_rollup_blocks_round_trip():
     rng = np.random.default_rng(3)
     rows = []

@@ -131,11 +131,15 @@ class ReportColumns:
         return np.repeat(self.lane_variants, self.lane_counts)
 
 
-def decode_report_columns(blocks: list[tuple[bytes, list[str]]], metrics=None, before_us: int | None = None) -> ReportColumns:
+def decode_report_columns(
+    blocks: list[tuple[bytes, list[str]]], metrics=None, before_us: int | None = None, since_us: int | None = None
+) -> ReportColumns:
     """The reports of the blocks (data, tasks): every report, or those timed before
     `before_us`, with the values of `metrics` (ids; None: every series; empty: none, the
     reports' times and tasks only). The other series' lanes are not read, nor the values of
-    the later reports (a chart's partial minute early in an hour costs little)."""
+    the later reports; with `since_us`, some values of the reports timed before it may be
+    left out too (those of FOR and raw sequences, read at their places): a chart's partial
+    minute costs a fraction of its hour."""
     nothing = np.zeros(0, dtype=np.int64)
     if not blocks:
         return ReportColumns(nothing, nothing, [], nothing, nothing, nothing, nothing, np.zeros(0, bool), nothing, np.zeros(0))
@@ -162,10 +166,21 @@ def decode_report_columns(blocks: list[tuple[bytes, list[str]]], metrics=None, b
     lane_kept = np.repeat(kept, wanted_counts)
     presence_lane = np.repeat(np.arange(len(lane_kept)), presence.counts)
     presence_keep = presence.integers < lane_kept[presence_lane]
-    limits = np.where(presence.counts > 0, np.bincount(presence_lane[presence_keep], minlength=len(lane_kept)), lane_kept)
-    values = series.next(limits=limits)
-    in_block = ranks(values.counts)  # a value's report within its block: its rank, or as listed
-    in_block[np.repeat(presence.counts > 0, values.counts)] = presence.integers[presence_keep]
+    listed = presence.counts > 0
+    limits = np.where(listed, np.bincount(presence_lane[presence_keep], minlength=len(lane_kept)), lane_kept)
+    firsts = None
+    if since_us is not None:
+        skipped = np.bincount(report_block[times.integers < since_us], minlength=len(blocks))  # per block
+        lane_skipped = np.repeat(skipped, wanted_counts)
+        before_since = presence_keep & (presence.integers < lane_skipped[presence_lane])
+        firsts = np.where(listed, np.bincount(presence_lane[before_since], minlength=len(lane_kept)), lane_skipped)
+    values = series.next(limits=limits, firsts=firsts)
+    starts = np.zeros(len(lane_kept), dtype=np.int64) if values.firsts is None else values.firsts
+    # A value's report within its block: its place in the lane, or as the lane lists them.
+    in_block = ranks(values.counts) + np.repeat(starts, values.counts)
+    listed_rank = ranks(presence.counts)
+    chosen = presence_keep & (listed_rank >= np.repeat(starts, presence.counts))
+    in_block[np.repeat(listed, values.counts)] = presence.integers[chosen]
     first_report = np.cumsum(kept) - kept
     lane_blocks = np.repeat(np.arange(len(blocks)), wanted_counts)
     return ReportColumns(

@@ -429,6 +429,7 @@ class Sequences:
     kinds: np.ndarray  # per lane: mode << 4 | k
     offsets: np.ndarray  # len(lanes) + 1
     integers: np.ndarray  # int64: the scaled integers (raw floats: their bits)
+    firsts: np.ndarray | None = None  # per lane: the index of its first value read (None: 0)
 
     @property
     def counts(self) -> np.ndarray:
@@ -481,10 +482,12 @@ class SectionReader:
         self.cursors[lanes] = cursors + width
         return self._read(cursors, width).astype(np.int64)
 
-    def next(self, lanes: np.ndarray | None = None, skip: bool = False, limits: np.ndarray | None = None) -> "Sequences | None":
+    def next(self, lanes=None, skip: bool = False, limits=None, firsts=None) -> "Sequences | None":
         """The next sequence of each lane in `lanes` (default: every lane); with `skip`,
-        only moves past it; with `limits` (per lane), only its first `limits[i]` values are
-        read (a delta sequence's later values cost nothing then, earlier ones must be read)."""
+        only moves past it. With `limits` (per lane), only its first `limits[i]` values are
+        read: a delta sequence's later values cost nothing then, earlier ones must be read.
+        With `firsts` (per lane), a FOR or raw sequence's values before `firsts[i]` are not
+        read either (theirs are at known places); `Sequences.firsts` says where each starts."""
         if lanes is None:
             lanes = np.arange(len(self.cursors))
         lanes = np.asarray(lanes, dtype=np.int64)
@@ -492,28 +495,35 @@ class SectionReader:
         kinds = self._fixed(lanes, KIND_BITS)
         modes = kinds >> 4
         taken = counts if limits is None else np.minimum(counts, np.asarray(limits, dtype=np.int64))
+        starts = np.zeros(len(lanes), dtype=np.int64)
+        if firsts is not None:
+            random_access = (modes == FOR) | (modes == RAW)
+            starts[random_access] = np.minimum(np.asarray(firsts, dtype=np.int64)[random_access], taken[random_access])
         offsets = np.zeros(len(lanes) + 1, dtype=np.int64)
-        np.cumsum(taken, out=offsets[1:])
+        np.cumsum(taken - starts, out=offsets[1:])
         integers = None if skip else np.zeros(int(offsets[-1]), dtype=np.int64)
         raw = (modes == RAW) & (counts > 0)
         if raw.any():
-            self._read_raw(lanes[raw], counts[raw], taken[raw], offsets[:-1][raw], integers)
+            self._read_raw(lanes[raw], counts[raw], starts[raw], taken[raw], offsets[:-1][raw], integers)
         packed = (modes != RAW) & (counts > 0)
         if packed.any():
-            self._read_packed(lanes[packed], counts[packed], taken[packed], modes[packed], offsets[:-1][packed], integers)
-        return None if skip else Sequences(lanes, kinds, offsets, integers)
+            self._read_packed(lanes[packed], counts[packed], starts[packed], taken[packed], modes[packed],
+                              offsets[:-1][packed], integers)  # fmt: skip
+        return None if skip else Sequences(lanes, kinds, offsets, integers, None if firsts is None else starts)
 
-    def _read_raw(self, lanes, counts, taken, outputs, integers) -> None:
+    def _read_raw(self, lanes, counts, starts, taken, outputs, integers) -> None:
         cursors = (self.cursors[lanes] + 7) // 8 * 8
         self.cursors[lanes] = cursors + 64 * counts
         if integers is None:
             return
-        rank = ranks(taken)
-        words = self._read(np.repeat(cursors, taken) + 64 * rank, 32) << np.uint64(32)
-        words |= self._read(np.repeat(cursors, taken) + 64 * rank + 32, 32)
-        integers[np.repeat(outputs, taken) + rank] = words.view(np.int64)
+        read = taken - starts
+        rank = ranks(read)
+        at = np.repeat(cursors + 64 * starts, read) + 64 * rank
+        words = self._read(at, 32) << np.uint64(32)
+        words |= self._read(at + 32, 32)
+        integers[np.repeat(outputs, read) + rank] = words.view(np.int64)
 
-    def _read_packed(self, lanes, counts, taken, modes, outputs, integers) -> None:
+    def _read_packed(self, lanes, counts, starts, taken, modes, outputs, integers) -> None:
         gcds = self._var(lanes).astype(np.int64)
         refs = _unzigzag(self._var(lanes))
         bases = np.zeros(len(lanes), dtype=np.int64)
@@ -539,14 +549,17 @@ class SectionReader:
         self.cursors[lanes] = data_start + lane_bits
         if integers is None:
             return
-        # The residuals read: all of them, or those of the values taken (a delta sequence's
-        # first value is its ref).
-        residual_counts = np.maximum(taken - ~is_for, 0)
-        sizes = np.clip(np.repeat(residual_counts, miniblocks) - MINIBLOCK * ranks(miniblocks), 0, sizes)
+        # The residuals read: those of the values taken (a delta sequence's first value is
+        # its ref), from the first value read on (a FOR sequence's start).
+        skipped = np.where(is_for, starts, 0)
+        residual_counts = np.maximum(taken - ~is_for, 0) - skipped
+        miniblock_start = MINIBLOCK * ranks(miniblocks)
+        low = np.clip(np.repeat(skipped, miniblocks) - miniblock_start, 0, sizes)
+        sizes = np.clip(np.repeat(skipped + residual_counts, miniblocks) - miniblock_start, 0, sizes) - low
         # Each residual at its place in its miniblock (np.repeat rather than gathers: one
         # sequential pass each; this is most of a chart's raw read).
         residual_widths = np.repeat(widths, sizes)
-        positions = np.repeat(block_start, sizes) + residual_widths * ranks(sizes)
+        positions = np.repeat(block_start + widths * low, sizes) + residual_widths * ranks(sizes)
         residuals = self._read(positions, residual_widths).view(np.int64)  # < 2^57
         # Residuals to values: FOR: ref + gcd * residual; DELTA / DELTA_FOR: ref, then ref
         # plus the running sum of gcd * step.

@@ -142,7 +142,7 @@ def blocks_to_points(rows: list, low_us: int | None = None, high_us: int | None 
     with the values of `metrics` (see `blocks.decode_report_columns`)."""
     if not rows:
         return empty_points()
-    columns = blocks.decode_report_columns([(row["data"], list(row["tasks"])) for row in rows], metrics, high_us)
+    columns = blocks.decode_report_columns([(row["data"], list(row["tasks"])) for row in rows], metrics, high_us, low_us)
     workers = np.array([row["worker"] for row in rows], dtype=np.int64)
     points = Points(
         report_workers=workers[columns.blocks],
