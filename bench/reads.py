@@ -31,7 +31,7 @@ history in another one), and in it:
    it (the dashboards call the rollup functions bounded by their time range, e.g.
    worker_metric_rollup_10m(since, until)), beside its raw-only counterpart: the same SQL
    with each call replaced by the same aggregation of worker_stat_points(since, until).
-   Raw points are decoded in PL/pgSQL (about 2.4 µs a value), so a fleet panel's
+   Raw points are decoded in PL/pgSQL (about 1 µs a value), so a fleet panel's
    counterpart reads only the last 2 hours of the window (FLEET_RAW_WINDOW); a worker's
    panel, the whole 24 h. The HTTP answers are compared whole, a panel's on the rows of its
    raw-only window whose buckets closed before the watermark's hour;
@@ -93,8 +93,8 @@ ROLLUP_TABLES = ("rollup_1m", "rollup_10m", "rollup_1h")
 DICTIONARIES = ("stat_workers", "stat_metrics", "report_layouts")
 STATISTICS_TABLES = (*RAW_TABLES, *ROLLUP_TABLES, *DICTIONARIES)
 HYPERTABLES = ("report_blocks", "recent_reports", *ROLLUP_TABLES)  # the others are plain tables
-# A fleet panel's raw-only counterpart decodes every value of every worker (about 2.4 µs a
-# value in PL/pgSQL: minutes for 200 workers over 24 h), so it reads this much of the end of
+# A fleet panel's raw-only counterpart decodes every value of every worker (about 1 µs a
+# value in PL/pgSQL: a minute for 200 workers over 24 h), so it reads this much of the end of
 # the panel's window only; a worker-detail panel's reads the whole window.
 FLEET_RAW_WINDOW = 2 * 3600
 
@@ -659,7 +659,7 @@ def print_results(results: list[Result], runs: int) -> None:
         print("  Grafana panels: over 24 h; compared on the rows of buckets that closed before the watermark's hour")
     if any(result.read.raw_since for result in results):
         print(f"  † raw-only over the last {FLEET_RAW_WINDOW / 3600:g} h of the 24 h window only (a fleet panel's "
-              f"raw reads decode every worker's values, ~2.4 µs each), compared on those rows; raw/rollups "
+              f"raw reads decode every worker's values, ~1 µs each), compared on those rows; raw/rollups "
               f"sets {FLEET_RAW_WINDOW / 3600:g} h raw against 24 h of rollups")  # fmt: skip
     for result in results:
         for timing, path in ((result.rollups, "rollups"), (result.raw, "raw-only")):

@@ -212,13 +212,14 @@ DECLARE
     all_lane record;
     covered boolean := false;
     variant_buckets bigint[] := '{}';
+    whole boolean := per_variant OR total <= 1024;  -- converted to bits at once
 BEGIN
-    IF per_variant THEN
+    IF whole THEN
         bits := codec_bits(lanes);
     ELSE
         -- The lane over all variants comes first; the variant lanes, most of the bytes, are
-        -- not read. Its first two sequences (the variant codes, and as many lane sizes) fit in
-        -- `head` bytes: two sequence headers, a width per 32 values and 64 bits a value.
+        -- not converted. Its first two sequences (the variant codes, and as many lane sizes)
+        -- fit in `head` bytes: two sequence headers, a width per 32 values and 64 bits a value.
         bits := codec_bits(substring(lanes FOR 17));
         variant_count := substring(bits FROM 8 FOR substring(bits FOR 7)::integer)::integer;
         head := least(total, 2 * (70 + (variant_count + 31) / 32 + 8 * variant_count));
@@ -226,7 +227,7 @@ BEGIN
     END IF;
     s := codec_sequence(bits, 0); codes := s.ints;
     s := codec_sequence(bits, s.stop); sizes := s.ints;
-    IF NOT per_variant THEN
+    IF NOT whole THEN
         combined := total;
         FOR v IN 1 .. coalesce(array_length(sizes, 1), 0) LOOP
             combined := combined - sizes[v]::integer;
