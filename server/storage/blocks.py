@@ -158,7 +158,8 @@ def decode_report_columns(
     keep = ranks(times.counts) < kept[report_block]
     # A report's task: its run's value, 0 (none) or i (its block's tasks[i - 1]).
     names = [name for _, tasks in blocks for name in (None, *tasks)]
-    name_starts = np.cumsum([len(tasks) + 1 for _, tasks in blocks]) - np.array([len(tasks) + 1 for _, tasks in blocks])
+    name_counts = np.array([len(tasks) + 1 for _, tasks in blocks], dtype=np.int64)
+    name_starts = np.cumsum(name_counts) - name_counts
     task_of = (np.repeat(run_values.integers, run_lengths.integers) + name_starts[report_block])[keep]
     # The series lanes: which reports carry them (none listed: every report), then their values.
     series = SectionReader(data, starts[wanted] * 8)
@@ -191,7 +192,7 @@ def decode_report_columns(
         lane_metrics=series_metrics.integers[wanted],
         lane_variants=variants.integers[wanted],
         lane_counts=values.counts,
-        lane_listed=presence.counts > 0,
+        lane_listed=listed,
         reports=np.repeat(first_report[lane_blocks], values.counts) + in_block,
         values=values.floats(),
     )
