@@ -164,7 +164,8 @@ def decode_report_columns(
     # The series lanes: which reports carry them (none listed: every report), then their values.
     series = SectionReader(data, starts[wanted] * 8)
     presence = series.next()
-    lane_kept = np.repeat(kept, wanted_counts)
+    lane_blocks = np.repeat(np.arange(len(blocks)), wanted_counts)
+    lane_kept = kept[lane_blocks]
     presence_lane = np.repeat(np.arange(len(lane_kept)), presence.counts)
     presence_keep = presence.integers < lane_kept[presence_lane]
     listed = presence.counts > 0
@@ -172,18 +173,16 @@ def decode_report_columns(
     firsts = None
     if since_us is not None:
         skipped = np.bincount(report_block[times.integers < since_us], minlength=len(blocks))  # per block
-        lane_skipped = np.repeat(skipped, wanted_counts)
+        lane_skipped = skipped[lane_blocks]
         before_since = presence_keep & (presence.integers < lane_skipped[presence_lane])
         firsts = np.where(listed, np.bincount(presence_lane[before_since], minlength=len(lane_kept)), lane_skipped)
     values = series.next(limits=limits, firsts=firsts)
-    starts = np.zeros(len(lane_kept), dtype=np.int64) if values.firsts is None else values.firsts
     # A value's report within its block: its place in the lane, or as the lane lists them.
-    in_block = ranks(values.counts) + np.repeat(starts, values.counts)
+    in_block = ranks(values.counts) + np.repeat(values.firsts, values.counts)
     listed_rank = ranks(presence.counts)
-    chosen = presence_keep & (listed_rank >= np.repeat(starts, presence.counts))
+    chosen = presence_keep & (listed_rank >= np.repeat(values.firsts, presence.counts))
     in_block[np.repeat(listed, values.counts)] = presence.integers[chosen]
     first_report = np.cumsum(kept) - kept
-    lane_blocks = np.repeat(np.arange(len(blocks)), wanted_counts)
     return ReportColumns(
         blocks=report_block[keep],
         times=times.integers[keep],

@@ -429,7 +429,7 @@ class Sequences:
     kinds: np.ndarray  # per lane: mode << 4 | k
     offsets: np.ndarray  # len(lanes) + 1
     integers: np.ndarray  # int64: the scaled integers (raw floats: their bits)
-    firsts: np.ndarray | None = None  # per lane: the index of its first value read (None: 0)
+    firsts: np.ndarray  # per lane: the index of its first value read
 
     @property
     def counts(self) -> np.ndarray:
@@ -509,7 +509,7 @@ class SectionReader:
         if packed.any():
             self._read_packed(lanes[packed], counts[packed], starts[packed], taken[packed], modes[packed],
                               offsets[:-1][packed], integers)  # fmt: skip
-        return None if skip else Sequences(lanes, kinds, offsets, integers, None if firsts is None else starts)
+        return None if skip else Sequences(lanes, kinds, offsets, integers, starts)
 
     def _read_raw(self, lanes, counts, starts, taken, outputs, integers) -> None:
         cursors = (self.cursors[lanes] + 7) // 8 * 8
