@@ -174,6 +174,22 @@ def listed_children(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """A process's children, theirs, and so on."""
+    found, unvisited = [], listed_children(pid)
+    while unvisited:
+        child = unvisited.pop()
+        found.append(child)
+        unvisited.extend(listed_children(child))
+    return found
+
+
+def is_refresher(pid: int) -> bool:
+    """`python -m server rollups refresh --every S`, which `serve` starts beside gunicorn."""
+    arguments = command_line(pid).split()
+    return "refresh" in arguments and "--every" in arguments
+
+
 def parent_of(pid: int) -> int:
     """A process's parent (0: it is gone)."""
     found = stat_fields(pid)
@@ -287,9 +303,10 @@ class ServerProcess:
         raise RuntimeError(f"{self.name} server did not answer within {timeout:.0f} s: see {self.log_path}")
 
     def pids(self) -> list[int]:
+        """The master and every process under it (workers, and their reader processes)."""
         if self.process is None or self.process.poll() is not None:
             return []
-        return [self.process.pid, *children_of(self.process.pid)]
+        return [self.process.pid, *descendants(self.process.pid)]
 
     def sample(self) -> None:
         for pid in self.pids():

@@ -1,7 +1,7 @@
 """Soak benchmark: what a fleet costs at its real rate.
 
     bench/soak.sh [--workers 2000] [--period 5] [--minutes 10] [--warmup 60] [--reader-period 10]
-                  [--processes 1] [--database workers_bench_soak] [--tree PATH] [--seed 1]
+                  [--processes 1] [--database workers_bench_soak] [--tree PATH] [--seed 1] [--floor 60]
 
 (`bench/soak.sh` prepares the venv and the local database, then runs `python -m bench.soak`
 with the same arguments.)
@@ -36,7 +36,11 @@ own transaction. This benchmark runs such a fleet and measures what it costs:
    rollup_watermark, every 5 s); the database's size at the window's start and end; and,
    after it, the stored rows of the window against the answers 200 (when worker_stats is a
    table to count);
-5. prints the figures per stored report beside the targets, and stops everything.
+5. the HTTP floor (--floor seconds, after the run): the same fleet, not registering, against
+   bench/bare_app.py, which parses each body and answers the envelope and stores nothing, served
+   the same way (gunicorn, uvloop, the same process count): the server CPU a request costs at this
+   rate before any work of ours, measured in the same run as the server's own figure;
+6. prints the figures per stored report beside the targets, and stops everything.
 
 Exit status 1 when any report was answered other than 200 (there is no fault here, so a 503
 counts too) or not answered, or a read failed; a target not met does not change it.
@@ -78,6 +82,7 @@ from bench.common import (
     create_credentials,
     database_dsn,
     free_port,
+    is_refresher,
     listed_children,
     listening_processes,
     load_average,
@@ -101,6 +106,7 @@ POSTGRES_SAMPLE_SECONDS = 0.05  # how often PostgreSQL's processes are attribute
 RATE_MARGIN = 10  # the company's reports/s limit: this many times the fleet's rate
 CHART_RANGE = 3600
 CHART_INTERVAL = 15  # what the fleet page asks for 1 h (300 points, rounded up to a nice step)
+FLOOR_WARMUP_SECONDS = 10  # of the bare handler's requests, before its window
 CATCH_UP_SECONDS = 2  # after the reader's calls, before a quiet stretch begins
 LATE_SEND_MS = 50  # a send's p99 lateness beyond this: the fleet did not keep its schedule
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -133,6 +139,7 @@ class FleetPlan:
     period: float
     seed: int
     seconds: float  # how long to report, from the first slot
+    register: bool = True  # workers.register each worker first (not for the bare handler)
 
 
 def fleet_process(plan: FleetPlan, pipe) -> None:
@@ -159,7 +166,8 @@ async def run_fleet(plan: FleetPlan, pipe) -> list[Sent]:
     client = ApiClient(plan.url, plan.token, REQUEST_TIMEOUT, method="GET")
     try:
         began = time.monotonic()
-        await register(client, machines, plan.period)
+        if plan.register:
+            await register(client, machines, plan.period)
         start = time.monotonic() + 1.0
         pipe.send(("started", start, start - 1.0 - began))
         sent: list[Sent] = []
@@ -318,14 +326,9 @@ def date_spacing(dates: list[int]) -> float | None:
 # ------------------------------------------------------------------------- measuring
 
 
-def is_refresher(pid: int) -> bool:
-    """`python -m server rollups refresh --every S`, which `serve` starts beside gunicorn."""
-    arguments = command_line(pid).split()
-    return "refresh" in arguments and "--every" in arguments
-
-
 def serve_processes(server: ServerProcess) -> tuple[list[int], int | None]:
-    """The server processes of `serve` (gunicorn master and workers), and its refresher."""
+    """The server processes of `serve` (gunicorn master and workers, and the workers' reader
+    processes: server/readers.py), and its refresher."""
     pids = server.pids()
     refresher = next((pid for pid in pids[1:] if is_refresher(pid)), None)
     return [pid for pid in pids if pid != refresher], refresher
@@ -512,9 +515,8 @@ async def measure(args, server: ServerProcess, dsn: str, token: str, start: floa
         if postmaster is not None:
             oid = await conn.fetchval("SELECT oid FROM pg_database WHERE datname = current_database()")
             postgres = PostgresCpu(postmaster, args.database, oid, conn.get_server_pid())
-        server_pids, _ = serve_processes(server)
-
         def probe() -> tuple[float, float]:
+            server_pids, _ = serve_processes(server)  # reader processes start with the first read
             return total_cpu(server_pids), postgres.counted() if postgres is not None else math.nan
 
         quiet: list[Quiet] = []
@@ -628,6 +630,18 @@ def window_slots(sent: list[Sent], measured: Measured) -> list[Sent]:
     return [slot for slot in sent if measured.first.at <= slot.due < measured.last.at]
 
 
+class Floor(NamedTuple):
+    """The same fleet against bench/bare_app.py: what its HTTP requests alone cost."""
+
+    cpu: float  # seconds, the bare server's processes in the window
+    answered: int  # requests answered 200 in the window
+    seconds: float
+
+    @property
+    def per_request_us(self) -> float:
+        return self.cpu / self.answered * 1e6 if self.answered else math.nan
+
+
 def cpu_used(measured: Measured) -> dict[str, float | None]:
     first, last = measured.first, measured.last
 
@@ -726,13 +740,13 @@ def spread(values_ms: list[float]) -> str:
             f"{max(values_ms, default=math.nan):,.1f} ms")  # fmt: skip
 
 
-def print_cpu(results: Results, measured: Measured) -> None:
+def print_cpu(results: Results, measured: Measured, floor: Floor | None) -> None:
     seconds, cpu = results.seconds, results.cpu
     count = cores()
     print()
     print("CPU IN THE WINDOW (from /proc; µs per stored report; % of one core)")
     rows = [
-        (f"server (master + {len(measured.last.server_pids) - 1})", cpu["server"]),
+        (f"server ({len(measured.last.server_pids)} processes)", cpu["server"]),
         ("refresher" + ("" if measured.refresher_pid else " (not found)"), cpu["refresher"]),
         ("PostgreSQL", cpu["postgres"]),
     ]
@@ -755,6 +769,11 @@ def print_cpu(results: Results, measured: Measured) -> None:
           f"{(reads.server + reads.postgres) / reads.pairs * 1000 if reads.pairs else math.nan:,.0f} ms per pair; "
           f"{results.per_report_us(reads.server + reads.postgres):,.0f} µs per stored report (estimated); "
           f"the sum without them {results.per_report_us(without_reads(results)):,.0f} µs")  # fmt: skip
+    if floor is not None:
+        print(f"  the HTTP floor: bench/bare_app.py (parses the body, answers, stores nothing) under the same fleet, "
+              f"{floor.answered:,} requests in {floor.seconds:,.0f} s: {floor.per_request_us:,.0f} µs per request "
+              f"({floor.cpu:,.1f} s, {percent(floor.cpu, floor.seconds)}); the server above it "
+              f"{results.per_report_us(cpu['server']) - floor.per_request_us:,.0f} µs per report")  # fmt: skip
     print(f"  not counted: fleet process {percent(cpu['fleet'], seconds)}, reader and measuring {percent(cpu['bench'], seconds)}")
     measured_sum = sum(used for used in (*counted, cpu["fleet"], cpu["bench"]) if used is not None)
     machine = cpu["machine"]
@@ -824,7 +843,7 @@ def print_reads(args, measured: Measured) -> None:
                 print(f"    ERROR at {read.at - measured.first.at:,.0f} s: {read.error}")
 
 
-def print_summary(results: Results, measured: Measured) -> None:
+def print_summary(results: Results, measured: Measured, floor: Floor | None) -> None:
     cpu = results.cpu
     total = counted_cpu(results)
     fleet_chart = [read.ms for read in window_reads(measured, FLEET_CHART) if not read.error]
@@ -839,6 +858,7 @@ def print_summary(results: Results, measured: Measured) -> None:
         ("  sum", f"{results.per_report_us(total):,.0f} µs", f"<= {TARGET_CPU_US} µs",
          met(None if total is None else results.per_report_us(total) <= TARGET_CPU_US)),
         ("  sum without the reads", f"{results.per_report_us(without_reads(results)):,.0f} µs", "(estimated)", ""),
+        ("HTTP floor per request", "-" if floor is None else f"{floor.per_request_us:,.0f} µs", "(bare handler)", ""),
         ("report latency p99", f"{p99:,.1f} ms", f"< {TARGET_P99_MS} ms", met(p99 < TARGET_P99_MS if results.latencies_ms else None)),
         ("rollup lag, max", "-" if lag is None else f"{lag:,.0f} s", f"<= {TARGET_LAG_S} s", met(None if lag is None else lag <= TARGET_LAG_S)),
         ("fleet chart 1 h, median", "-" if chart is None else f"{chart:,.0f} ms", f"<= {TARGET_CHART_MS} ms",
@@ -881,12 +901,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"the bench's own database on WORKERS_DB_DSN's cluster, dropped and recreated (default {DEFAULT_DATABASE})",
     )  # fmt: skip
     parser.add_argument("--tree", type=Path, help="run the server of this checkout (e.g. a git worktree) instead")
+    parser.add_argument(
+        "--floor", type=float, default=60,
+        help="seconds of the same fleet against bench/bare_app.py after the run, the HTTP floor (default 60; 0: none)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for name in ("workers", "period", "minutes", "reader_period", "processes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.warmup < 0:
-        parser.error("--warmup must be 0 or more")
+    if args.warmup < 0 or args.floor < 0:
+        parser.error("--warmup and --floor must be 0 or more")
     if not args.database.startswith(DEFAULT_DATABASE):
         parser.error(f"--database must start with {DEFAULT_DATABASE}: the bench drops and recreates it")
     if args.tree is not None and not (args.tree / "server" / "__main__.py").is_file():
@@ -922,6 +946,33 @@ def stop_fleet(process: multiprocessing.Process | None) -> None:
         process.join(10)
 
 
+def measure_floor(args, workdir: Path) -> Floor:
+    """The fleet's reports at the same rate, to a handler that parses the body and answers the
+    envelope, storing nothing (bench/bare_app.py: the same gunicorn + uvloop serving, the same
+    process count). What a request costs the server at this rate before any work of ours."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.bare_app", "--host", HOST, "--port", str(port), "--processes", str(args.processes)]
+    bare = ServerProcess("bare", argv, port, {**os.environ, "PYTHONUNBUFFERED": "1"}, workdir / "bare.log")
+    bare.start()
+    fleet = None
+    try:
+        bare.wait_ready(args.processes)
+        plan = FleetPlan(bare.url, "", args.workers, args.period, args.seed, FLOOR_WARMUP_SECONDS + args.floor, register=False)
+        fleet, pipe = start_fleet(plan)
+        start, _ = receive(pipe, fleet, "started", timeout=60)
+        time.sleep(max(0.0, start + FLOOR_WARMUP_SECONDS - time.monotonic()))
+        pids = bare.pids()
+        used, began = total_cpu(pids), time.monotonic()
+        time.sleep(args.floor)
+        used, ended = total_cpu(pids) - used, time.monotonic()
+        (plain,) = receive(pipe, fleet, "done", timeout=REQUEST_TIMEOUT + 60)
+    finally:
+        stop_fleet(fleet)
+        bare.stop()
+    answered = sum(1 for slot in map(Sent._make, plain) if slot.status == 200 and began <= slot.due + slot.latency < ended)
+    return Floor(used, answered, ended - began)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tree = (args.tree or ROOT).resolve()
@@ -946,16 +997,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_fleet(fleet)
         server.stop()
+    floor = None
+    if args.floor:
+        log(f"the HTTP floor: the same fleet against bench/bare_app.py for {args.floor:g} s")
+        floor = measure_floor(args, workdir)
     sent = [Sent(*slot) for slot in plain]
     stored = asyncio.run(stored_rows(dsn, company, *window_ms(measured)))
     results = results_of(sent, measured, stored)
 
     print_setup(args, tree, dsn, registered_s, measured)
     print_reports(args, results)
-    print_cpu(results, measured)
+    print_cpu(results, measured, floor)
     print_lag_and_storage(results, measured)
     print_reads(args, measured)
-    print_summary(results, measured)
+    print_summary(results, measured, floor)
     failures = failures_of(results, measured)
     print()
     for text in failures:
