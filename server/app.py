@@ -11,9 +11,10 @@ from . import background, metrics, page, routes
 from .config import Settings
 from .endpoints import ENDPOINTS
 from .limits import Limits
-from .keys import LIMITS, METRICS, POOL, REQUEST_OBSERVER, SETTINGS, SIGNING_KEY, WRITER
+from .keys import LIMITS, METRICS, POOL, READERS, REQUEST_OBSERVER, SETTINGS, SIGNING_KEY, WRITER
 from .keys import ENDPOINTS as ENDPOINTS_KEY
 from .protocol import dispatch
+from .readers import Readers
 from .storage import credentials, db
 from .storage.writer import ReportWriter
 
@@ -36,7 +37,9 @@ async def _database(app: web.Application):
     )
     await writer.start()
     app[POOL], app[WRITER] = pool, writer
+    app[READERS] = Readers(settings, app[METRICS])
     yield
+    app[READERS].close()
     await writer.close()
     await pool.close()
 

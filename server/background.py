@@ -1,5 +1,5 @@
 """Periodic work: the expiry sweep of registrations, the retention of statistics, the
-refresh of the rollups, and re-reading the companies' limits.
+refresh of the rollups, re-reading the companies' limits, and watching the event loop's lag.
 
 Every server process runs the sweep, retention and the limits' refresh (server/limits.py).
 The sweep is one idempotent DELETE, so concurrent sweeps are harmless; retention takes an
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 RETENTION_LOCK = 0x574B5254  # an arbitrary advisory lock key
 REFRESHER_NAME = "workers-rollup-refresher"  # its connections' application_name (pg_stat_activity)
 WATERMARK_MARGIN = 0.5  # seconds after the watermark can move that the refresher looks
+LAG_SAMPLE_SECONDS = 0.1
 
 
 async def sweep_expired(pool: asyncpg.Pool, metrics: Metrics | None = None) -> int:
@@ -151,8 +152,19 @@ async def _every(
         await asyncio.sleep(seconds() if callable(seconds) else seconds)
 
 
+async def watch_event_loop(metrics: Metrics) -> None:
+    """Observe, every LAG_SAMPLE_SECONDS, how late the event loop wakes a timer: the time
+    something held the loop (a status report arriving then waits as long)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LAG_SAMPLE_SECONDS
+        await asyncio.sleep(LAG_SAMPLE_SECONDS)
+        metrics.event_loop_lag.observe(max(0.0, loop.time() - due))
+
+
 def start(pool: asyncpg.Pool, settings: Settings, metrics: Metrics | None, limits: Limits) -> list[asyncio.Task]:
-    return [
+    watchers = [] if metrics is None else [asyncio.create_task(watch_event_loop(metrics), name="event-loop-lag")]
+    return watchers + [
         asyncio.create_task(
             _every(settings.limits_refresh_seconds, lambda: limits.refresh(pool), "limits refresh"),
             name="limits-refresh",

@@ -36,6 +36,14 @@ class Settings:
     read_from_rollups: bool = True  # false: charts read raw reports only (for comparison)
     raw_read_budget_worker_hours: float = 120.0
     read_timeout_seconds: float = 30.0
+    # Heavy reads (get_stats, get_activity_report, get_all; server/readers.py): computed in
+    # this many reader processes per server process (0: in the server process itself), at
+    # this niceness, one at a time each; a read that waits longer than read_queue_seconds is
+    # answered 503, and a company with read_queue_per_company reads waiting gets 429.
+    read_processes: int = 1
+    read_nice: int = 10
+    read_queue_seconds: float = 10.0
+    read_queue_per_company: int = 16
     # Retention of each tier, and the rollups' refresh
     # (docs/storage.md: what each costs per worker-day; raw reports are kept at least as long
     # as the 1-minute tier, which reads a variant's minutes from them)

@@ -19,7 +19,10 @@ BODY_TOO_LARGE = (413, 0)
 TOO_MANY_REPORTS = (429, 0)  # reports per second
 TOO_MANY_WORKERS = (429, 1)  # live registered workers
 TOO_MANY_METRIC_KEYS = (429, 2)  # distinct metric keys
+# Heavy reads waiting for their turn (server/admission.py): retry after the Retry-After.
+TOO_MANY_READS = (429, 3)  # this company's reads waiting in this process
 DATABASE_UNAVAILABLE = (503, 0)
+READS_BUSY = (503, 1)  # a read waited longer than WORKERS_READ_QUEUE_SECONDS
 INTERNAL_ERROR = (500, 0)
 
 

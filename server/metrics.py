@@ -17,11 +17,15 @@ from typing import Any
 
 from aiohttp import web
 
+from .admission import REFUSAL_CAUSES
+
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Seconds: from a status report's ~1 ms to a chart's tens of seconds (the read timeout).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Seconds the event loop was late in waking a timer: how long something held it.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 # Why a status report was answered 503 (storage/writer.py).
@@ -44,6 +48,10 @@ class Metrics:
     commit_seconds: Any
     database_errors: Any
     registered_workers: Any
+    event_loop_lag: Any
+    reads_waiting: Any
+    reads_refused: Any
+    read_wait_seconds: Any
 
 
 def create(known_endpoints) -> Metrics:
@@ -102,6 +110,32 @@ def create(known_endpoints) -> Metrics:
             registry=registry,
             multiprocess_mode="livemostrecent",
         ),
+        event_loop_lag=prom.Histogram(
+            "workers_event_loop_lag_seconds",
+            "How late a server process's event loop woke a timer (sampled every 0.1 s): how long "
+            "something held the loop while status reports waited",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        ),
+        reads_waiting=prom.Gauge(
+            "workers_reads_waiting",
+            "Heavy reads (get_stats, get_activity_report, get_all) waiting for their turn",
+            registry=registry,
+            multiprocess_mode="livesum",
+        ),
+        reads_refused=prom.Counter(
+            "workers_reads_refused",
+            "Heavy reads refused while waiting for their turn, by cause: company_queue_full (429), "
+            "waited_too_long (503)",
+            ["cause"],
+            registry=registry,
+        ),
+        read_wait_seconds=prom.Histogram(
+            "workers_read_wait_seconds",
+            "Time a heavy read waited for its turn (those admitted at once are not counted)",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        ),
     )
     # Every series exists from the start at 0, so that rate() and ratios see their first samples.
     for endpoint in known_endpoints:
@@ -110,6 +144,8 @@ def create(known_endpoints) -> Metrics:
         metrics.reports_unavailable.labels(cause)
     for kind in ("unavailable", "statement"):
         metrics.database_errors.labels(kind)
+    for cause in REFUSAL_CAUSES:
+        metrics.reads_refused.labels(cause)
     return metrics
 
 

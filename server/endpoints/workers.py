@@ -1,6 +1,5 @@
 """The eight `workers.*` endpoints (SPEC §2): validate the body, call storage, shape the answer."""
 
-import asyncio
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -9,7 +8,8 @@ import numpy as np
 
 from .. import errors, limits, schemas
 from ..errors import ApiError
-from ..keys import LIMITS, POOL, WRITER
+from ..config import Settings
+from ..keys import LIMITS, POOL, READERS, WRITER
 from ..protocol import Call, client_ip
 from ..storage import charts, registrations, rollups, statistics
 from ..storage.registrations import WorkerFilter
@@ -119,10 +119,18 @@ def _worker_entry(row) -> dict:
 
 async def get_all(call: Call) -> dict:
     body = schemas.load(schemas.worker_filter_request, call.body)
-    rows = await registrations.find(
-        call.request.app[POOL], call.identity.company, _worker_filter(body, GET_ALL_DEFAULT_LAST_SEEN)
-    )
+    return await _heavy_read(call, all_workers, body)
+
+
+async def all_workers(pool, settings: Settings, company: str, body: dict) -> dict:
+    rows = await registrations.find(pool, company, _worker_filter(body, GET_ALL_DEFAULT_LAST_SEEN))
     return {"workers": [_worker_entry(row) for row in rows]}
+
+
+async def _heavy_read(call: Call, read, body: dict):
+    """`read`'s answer, computed by a reader process in its turn (server/readers.py)."""
+    app = call.request.app
+    return await app[READERS].run(read, app[POOL], call.identity.company, body)
 
 
 async def get_count(call: Call) -> dict:
@@ -145,9 +153,6 @@ async def get_metric_keys(call: Call) -> dict:
     }
 
 
-THREADED_ANSWER_SERIES = 100  # get_stats answers of more series than this are made in a thread
-
-
 def _bucket_starts(from_date: float, to_date: float, interval: int, limit: int) -> list[int]:
     """The start of every bucket to return (SPEC §2, get_stats): aligned to the epoch, from
     the one holding from_date to the one holding to_date, the last dropped when it starts
@@ -166,25 +171,27 @@ def _bucket_starts(from_date: float, to_date: float, interval: int, limit: int) 
     return list(range(first, last + 1, interval))
 
 
-async def _workers_asked(call: Call, worker_ids: list[str]) -> int:
+async def _workers_asked(pool, company: str, worker_ids: list[str]) -> int:
     """How many workers a chart covers: those asked for, or the company's registered workers."""
-    return len(worker_ids) or await registrations.count(call.request.app[POOL], call.identity.company, WorkerFilter())
+    return len(worker_ids) or await registrations.count(pool, company, WorkerFilter())
+
+
+def _check_dates(body: dict) -> None:
+    if body["from_date"] >= body["to_date"]:
+        raise ApiError(errors.INVALID_FIELD_VALUES, "Invalid field values: from_date must be less than to_date")
 
 
 async def _chart(
-    call: Call, body: dict, worker_ids: list[str], split_by_variant: bool = False
+    pool, settings: Settings, company: str, body: dict, worker_ids: list[str], split_by_variant: bool = False
 ) -> tuple[int, list[int], list[charts.Segment]]:
     """The effective interval, the buckets, and the sources that serve them (storage/charts.py)."""
     from_date, to_date = body["from_date"], body["to_date"]
-    if from_date >= to_date:
-        raise ApiError(errors.INVALID_FIELD_VALUES, "Invalid field values: from_date must be less than to_date")
-    settings, pool = call.settings, call.request.app[POOL]
     interval = max(body["interval"], settings.min_chart_interval)
     now = time.time()
     if settings.read_from_rollups:
         raw_affordable = True
         if interval % charts.tiers_for(split_by_variant)[0].seconds:
-            workers = await _workers_asked(call, worker_ids)
+            workers = await _workers_asked(pool, company, worker_ids)
             raw_affordable = charts.raw_worker_hours(interval, workers) <= settings.raw_read_budget_worker_hours
         interval = charts.choose_interval(interval, from_date, now, settings.retention, raw_affordable, split_by_variant)
     buckets = _bucket_starts(from_date, to_date, interval, settings.max_chart_buckets)
@@ -194,7 +201,7 @@ async def _chart(
     if not settings.read_from_rollups:
         return interval, buckets, [charts.Segment(charts.RAW, from_date, min(to_date + charts.RESOLUTION, end))]
     low, high = charts.read_range(from_date, to_date, buckets[0], end, now, settings.retention)
-    exact_before = await rollups.read_watermark(pool, call.identity.company)
+    exact_before = await rollups.read_watermark(pool, company)
     return interval, buckets, charts.segments(low, high, interval, exact_before, split_by_variant)
 
 
@@ -211,8 +218,13 @@ async def get_stats(call: Call) -> dict:
     body = schemas.load(schemas.stats_request, call.body)
     _check_worker_ids(call, body)
     limits.check_count(len(body["items"]), call.settings.max_stats_items, "items", "WORKERS_MAX_STATS_ITEMS")
+    _check_dates(body)
+    return await _heavy_read(call, stats, body)
+
+
+async def stats(pool, settings: Settings, company: str, body: dict) -> dict:
     worker_ids = body.get("worker_ids", [])
-    interval, buckets, pieces = await _chart(call, body, worker_ids, body["split_by_variant"])
+    interval, buckets, pieces = await _chart(pool, settings, company, body, worker_ids, body["split_by_variant"])
     aggregations: dict[str, list[str]] = {}
     for item in body["items"]:
         wanted = aggregations.setdefault(item["key"], [])
@@ -220,11 +232,11 @@ async def get_stats(call: Call) -> dict:
             wanted.append(item["aggregation"])
     # Before the read: the workers asked for (or the company's registered workers) x metrics;
     # after it: the series found (variants, and workers no longer registered, included).
-    workers = await _workers_asked(call, worker_ids)
-    limits.check_series_buckets(call.settings, workers * len(aggregations), len(buckets))
+    workers = await _workers_asked(pool, company, worker_ids)
+    limits.check_series_buckets(settings, workers * len(aggregations), len(buckets))
     found = await charts.stats(
-        call.request.app[POOL],
-        call.identity.company,
+        pool,
+        company,
         pieces,
         interval=interval,
         buckets=buckets,
@@ -232,11 +244,7 @@ async def get_stats(call: Call) -> dict:
         worker_ids=worker_ids,
         split_by_variant=body["split_by_variant"],
     )
-    limits.check_series_buckets(call.settings, len(found), len(buckets))
-    # A fleet's answer is thousands of series: made in a thread, as the chart was, so that the
-    # event loop goes on answering status reports meanwhile.
-    if len(found) > THREADED_ANSWER_SERIES:
-        return {"workers": await asyncio.to_thread(_stats_answer, found, buckets, aggregations)}
+    limits.check_series_buckets(settings, len(found), len(buckets))
     return {"workers": _stats_answer(found, buckets, aggregations)}
 
 
@@ -269,10 +277,13 @@ def _stats_answer(found: charts.Series, buckets: list[int], aggregations: dict[s
 
 async def get_activity_report(call: Call) -> dict:
     body = schemas.load(schemas.activity_request, call.body)
-    interval, buckets, pieces = await _chart(call, body, [])
-    total, active = await charts.activity(
-        call.request.app[POOL], call.identity.company, pieces, interval=interval, buckets=buckets
-    )
+    _check_dates(body)
+    return await _heavy_read(call, activity, body)
+
+
+async def activity(pool, settings: Settings, company: str, body: dict) -> dict:
+    interval, buckets, pieces = await _chart(pool, settings, company, body, [])
+    total, active = await charts.activity(pool, company, pieces, interval=interval, buckets=buckets)
     dates = [bucket * 1000 for bucket in buckets]  # milliseconds, as the reference server answers
     return {"total": {"dates": dates, "counts": total}, "active": {"dates": dates, "counts": active}}
 

@@ -29,7 +29,9 @@ UNAVAILABLE_ERRORS = (
 )
 
 
-async def create_pool(dsn: str, *, statement_timeout: float = 30.0, connect_timeout: float = 30.0) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, statement_timeout: float = 30.0, connect_timeout: float = 30.0, max_size: int = 10
+) -> asyncpg.Pool:
     """Open a pool, retrying while the database is still starting (as under docker compose).
 
     The database cancels a statement after `statement_timeout` seconds (a chart read too
@@ -41,7 +43,7 @@ async def create_pool(dsn: str, *, statement_timeout: float = 30.0, connect_time
             return await asyncpg.create_pool(
                 dsn,
                 min_size=1,
-                max_size=10,
+                max_size=max_size,
                 command_timeout=statement_timeout + 30,
                 server_settings={
                     "statement_timeout": str(int(statement_timeout * 1000)),
