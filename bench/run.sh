@@ -9,15 +9,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/prepare.sh"
 
-if ! command -v wrk >/dev/null 2>&1; then
-    echo "installing wrk (apt-get)" >&2
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk >&2 || {
-        $sudo apt-get update >&2
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk >&2
-    }
-fi
+install_wrk
 
 if [ "${1:-}" = "--fairness" ]; then
     shift
