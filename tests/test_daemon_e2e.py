@@ -172,6 +172,25 @@ async def call(session: aiohttp.ClientSession, url: str, token: str, body: dict)
     return envelope["data"]
 
 
+async def test_the_proxy_compresses_large_answers_for_clients_that_accept_them(apiserver, workers, proxy):
+    token = apiserver.token()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for number in range(60):
+            await call(session, f"{proxy}/workers.register", token, {"worker": f"gzip-{number}", "timeout": 600})
+        answers = {}
+        for accepted in ("gzip", "identity"):
+            async with session.post(f"{proxy}/workers.get_all", data="{}", headers={**headers, "Accept-Encoding": accepted}) as response:
+                answers[accepted] = (response.headers.get("Content-Encoding"), await response.json())
+        small_encoding = None
+        async with session.post(f"{proxy}/workers.get_count", data="{}", headers={**headers, "Accept-Encoding": "gzip"}) as response:
+            small_encoding = response.headers.get("Content-Encoding")
+    assert answers["gzip"][0] == "gzip" and answers["identity"][0] is None
+    assert len(answers["gzip"][1]["data"]["workers"]) == 60
+    assert answers["gzip"][1]["data"] == answers["identity"][1]["data"]
+    assert small_encoding is None  # under gzip_min_length
+
+
 async def test_daemon_through_the_proxy(apiserver, workers, proxy, start_daemon, db_conn, tmp_path):
     token = apiserver.token()  # what the web UI holds after logging in at the apiserver
     daemon, log = start_daemon(proxy)
