@@ -9,7 +9,9 @@
 
 1. the reads benchmark's history (bench/reads.py: --workers agent-shaped workers, --days of
    reports every 10 s, in its database; loaded once, then reused and topped up to now), its
-   rollups refreshed;
+   rollups refreshed, copied into a database of this benchmark's own (the --database name
+   with `_pressure` after it, recreated each run), so that the status reports sent here stay
+   out of the reads benchmark's history;
 2. starts `python -m server serve --processes 1` on it, its writer's gather at
    --writer-gather-ms (default 0: wrk's connections each wait for their answer, so a 25 ms
    gather would hold them to 8 reports per 25 ms, and the phases would measure that wait
@@ -49,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
 from bench import reads as reads_bench
 from bench.common import (
@@ -432,6 +435,23 @@ def prepare_targets(args, dsn: str, history, servers: dict[str, ServerProcess]) 
     return targets
 
 
+async def copy_database(cluster_dsn: str, source: str, target: str) -> None:
+    """`target` recreated as a copy of `source`. A template must have no session while it is
+    copied, TimescaleDB's scheduler included: connections to it are refused meanwhile."""
+    conn = await asyncpg.connect(cluster_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+        await conn.execute(f'ALTER DATABASE "{source}" WITH ALLOW_CONNECTIONS false')
+        try:
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", source)
+            await asyncio.sleep(0.5)
+            await conn.execute(f'CREATE DATABASE "{target}" TEMPLATE "{source}"')
+        finally:
+            await conn.execute(f'ALTER DATABASE "{source}" WITH ALLOW_CONNECTIONS true')
+    finally:
+        await conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_wrk()
@@ -443,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     reads_bench.refresh_rollups(dsn, since)
     reads_bench.catch_up(dsn, history)
     mix = chart_mix(history.workers, history.end)
+    copy = f"{args.database}_pressure"
+    log(f"copying {args.database} into {copy}")
+    asyncio.run(copy_database(cluster_dsn, args.database, copy))
+    dsn = database_dsn(cluster_dsn, copy)
 
     writer = {"WORKERS_WRITER_GATHER_MS": f"{args.writer_gather_ms:g}"}
     servers = {"this": reads_bench.start_server("this", dsn, args.workdir, writer)}

@@ -1,5 +1,6 @@
 """The eight `workers.*` endpoints (SPEC §2): validate the body, call storage, shape the answer."""
 
+import asyncio
 import time
 from collections import defaultdict
 from datetime import datetime
@@ -153,6 +154,9 @@ async def get_metric_keys(call: Call) -> dict:
     }
 
 
+THREADED_ANSWER_SERIES = 100  # get_stats answers of more series than this are made in a thread
+
+
 def _bucket_starts(from_date: float, to_date: float, interval: int, limit: int) -> list[int]:
     """The start of every bucket to return (SPEC §2, get_stats): aligned to the epoch, from
     the one holding from_date to the one holding to_date, the last dropped when it starts
@@ -245,6 +249,11 @@ async def stats(pool, settings: Settings, company: str, body: dict) -> dict:
         split_by_variant=body["split_by_variant"],
     )
     limits.check_series_buckets(settings, len(found), len(buckets))
+    # With reads in the server process (WORKERS_READ_PROCESSES=0), a fleet's answer of
+    # thousands of series is made in a thread, so that the event loop answers status reports
+    # meanwhile (in a reader process the thread costs little and changes nothing).
+    if len(found) > THREADED_ANSWER_SERIES:
+        return {"workers": await asyncio.to_thread(_stats_answer, found, buckets, aggregations)}
     return {"workers": _stats_answer(found, buckets, aggregations)}
 
 
