@@ -224,6 +224,38 @@ async def test_every_panel_answers_what_was_reported(fleet, db_conn, span, inter
             assert normal(rows) == normal(EXPECTED[(name, title)](span, interval)), (name, title)
 
 
+async def test_a_worker_panel_decodes_the_lanes_of_that_worker_alone(fleet, db_conn):
+    """The worker detail's CPU panel over a day (the 10-minute tier) calls rollup_group_lanes
+    once per block of cpu_usage that holds gpu-1, not for every worker of those blocks:
+    migrations/009 declares the function's cost, so the planner keeps the block's worker
+    asked for before decoding (it used to decode them all and join stat_workers after)."""
+    sql = dict(panels(dashboards()["worker-detail.json"]))["CPU usage"]
+    since, until = window(DAY)
+    groups = await db_conn.fetchrow(
+        """SELECT count(*) FILTER (WHERE w.id = ANY(b.workers)) AS mine, sum(cardinality(b.workers)) AS every
+           FROM rollup_10m b JOIN stat_metrics m ON m.id = b.metric
+           JOIN stat_workers w ON w.company = b.company AND w.worker = 'gpu-1'
+           WHERE b.company = $1 AND m.name = 'cpu_usage'
+             AND b.start > to_timestamp($2) - interval '1 day' AND b.start <= to_timestamp($3)""",
+        fleet, since, until,
+    )
+    assert 0 < groups["mine"] < groups["every"]  # other workers' lanes share those blocks
+    await db_conn.execute("ANALYZE")  # as autovacuum leaves a database in service: small estimates
+    async with db_conn.transaction():
+        await db_conn.execute("SET LOCAL track_functions = 'pl'")
+        assert await db_conn.fetch(run(sql, fleet, (since, until)))
+        calls = await db_conn.fetchval(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions WHERE funcname = 'rollup_group_lanes'"
+        )
+    assert calls == groups["mine"]
+
+
+async def test_sessions_of_the_database_plan_without_jit(db_conn):
+    """Grafana's connection is a plain session: the database's own setting keeps PostgreSQL
+    from compiling the panels' plans at every run (migrations/009)."""
+    assert await db_conn.fetchval("SHOW jit") == "off"
+
+
 async def test_variables_list_the_companies_and_the_workers_with_data(fleet, db_conn):
     for dashboard in dashboards().values():
         company = await db_conn.fetch(run(variable_queries(dashboard)["company"], fleet, window(HOUR)))
