@@ -9,6 +9,7 @@ The report shapes are those of bench/report.lua (keep the two in step): 4, 8 or 
 import base64
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -109,6 +110,11 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     fields_after_comm = found[1]
     return (int(fields_after_comm[11]) + int(fields_after_comm[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def total_cpu(pids: list[int]) -> float:
+    """User + system CPU time these processes have used so far (those gone count nothing)."""
+    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
 
 
 def reaped_cpu_seconds(pid: int) -> float | None:
@@ -462,6 +468,14 @@ def cores() -> int:
 
 def mib(kib: int) -> str:
     return f"{kib / 1024:.0f} MiB"
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (NaN of nothing)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
 
 
 def median(values: list[float]) -> float:

@@ -66,7 +66,6 @@ from bench.common import (
     ROOT,
     SCALARS,
     ServerProcess,
-    cpu_seconds,
     create_credentials,
     database_dsn,
     every_process,
@@ -83,6 +82,7 @@ from bench.common import (
     require_wrk,
     resolve_dsn,
     set_company_limits,
+    total_cpu,
     tree_env,
     worker_shape,
 )
@@ -232,7 +232,7 @@ class CpuMeter:
         self.server = server
 
     def _server_cpu(self) -> float:
-        return sum(cpu_seconds(pid) or 0.0 for pid in self.server.pids())
+        return total_cpu(self.server.pids())
 
     @staticmethod
     def _children_cpu() -> float:

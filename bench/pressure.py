@@ -58,7 +58,6 @@ from bench.common import (
     ApiClient,
     ServerProcess,
     chart_body,
-    cpu_seconds,
     create_credentials,
     database_dsn,
     descendants,
@@ -67,9 +66,11 @@ from bench.common import (
     log,
     login,
     median,
+    percentile,
     require_wrk,
     resolve_dsn,
     set_company_limits,
+    total_cpu,
 )
 from bench.history import worker_id
 from bench.ingest import postgres_cpu_seconds, register_fleet, run_wrk
@@ -185,11 +186,7 @@ def cpu_of(server: ServerProcess) -> Cpu:
         return Cpu(math.nan, math.nan, postgres_cpu_seconds())
     workers = [pid for pid in listed_children(pids[0]) if not is_refresher(pid)]
     readers = [reader for worker in workers for reader in descendants(worker)]
-    return Cpu(_sum_cpu([pids[0], *workers]), _sum_cpu(readers), postgres_cpu_seconds())
-
-
-def _sum_cpu(pids: list[int]) -> float:
-    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
+    return Cpu(total_cpu([pids[0], *workers]), total_cpu(readers), postgres_cpu_seconds())
 
 
 _LAG_BUCKET = re.compile(r'^workers_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.M)
@@ -296,16 +293,15 @@ class Target:
 
 def run_phase(target: Target, args, clients: int, reads: list[Read], kind: str, token: str) -> Phase:
     process = pipe = None
-    send_seconds = args.seconds
     if clients:
-        stop_at = time.monotonic() + WARM_SECONDS + send_seconds + DRAIN_SECONDS
+        stop_at = time.monotonic() + WARM_SECONDS + args.seconds + DRAIN_SECONDS
         process, pipe = start_clients(ClientsPlan(target.server.url, token, clients, reads, stop_at))
         time.sleep(WARM_SECONDS)
     lag_before, cpu_before = asyncio.run(lag_of(target.server)), cpu_of(target.server)
     began = time.monotonic()
     result = run_wrk(
         target.server, token=target.ingest_token, fleet=INGEST_WORKERS, start_ms=int(time.time() * 1000),
-        index_base=target.index, send_seconds=send_seconds, drain_seconds=DRAIN_SECONDS, connections=args.connections,
+        index_base=target.index, send_seconds=args.seconds, drain_seconds=DRAIN_SECONDS, connections=args.connections,
         latency_limit_s=REPORT_LATENCY_LIMIT_S, timeline=False, log_path=args.workdir / "wrk.log",
     )  # fmt: skip
     sent_until = began + result["window_s"]
@@ -330,10 +326,7 @@ def run_phase(target: Target, args, clients: int, reads: list[Read], kind: str, 
 
 
 def _ms(values: list[float], fraction: float) -> str:
-    if not values:
-        return "-"
-    ordered = sorted(values)
-    return f"{ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]:,.0f}"
+    return f"{percentile(values, fraction):,.0f}" if values else "-"
 
 
 def print_alone(results: dict[str, list[Alone]]) -> None:
@@ -475,14 +468,14 @@ def main(argv: list[str] | None = None) -> int:
         servers["against"] = reads_bench.start_server("against", dsn, args.workdir, {**writer, **against})
     try:
         targets = prepare_targets(args, dsn, history, servers)
+        get_all = [Read(GET_ALL, "workers.get_all", {})] if args.get_all else []
         alone: dict[str, list[Alone]] = {}
         for target in targets:
             log(f"{target.name}: each read alone")
-            get_all = [Read(GET_ALL, "workers.get_all", {})] if target.get_all_token else []
             alone[target.name] = [asyncio.run(read_alone(target.server, target.token, read, args.runs)) for read in mix]
             alone[target.name] += [asyncio.run(read_alone(target.server, target.get_all_token, read, args.runs)) for read in get_all]
         phases = []
-        kinds = [("charts", mix, "token")] + ([(GET_ALL, [Read(GET_ALL, "workers.get_all", {})], "get_all_token")] if args.get_all else [])
+        kinds = [("charts", mix, "token")] + ([(GET_ALL, get_all, "get_all_token")] if get_all else [])
         for kind, reads, token_name in kinds:
             for clients in args.clients:
                 if kind == GET_ALL and clients == 0:

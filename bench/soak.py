@@ -90,10 +90,12 @@ from bench.common import (
     login,
     machine_cpu_seconds,
     median,
+    percentile,
     reaped_cpu_seconds,
     recreate_database,
     resolve_dsn,
     set_company_limits,
+    total_cpu,
     tree_env,
 )
 from server import demo
@@ -334,10 +336,6 @@ def serve_processes(server: ServerProcess) -> tuple[list[int], int | None]:
     return [pid for pid in pids if pid != refresher], refresher
 
 
-def total_cpu(pids: list[int]) -> float:
-    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
-
-
 def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -558,14 +556,6 @@ async def stored_rows(dsn: str, company: str, low_ms: int, high_ms: int) -> int 
 
 
 # ------------------------------------------------------------------------- results
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile (NaN of nothing)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
 
 
 @dataclass
