@@ -98,7 +98,7 @@ from bench.common import (
     total_cpu,
     tree_env,
 )
-from server import demo
+from server import demo, serving
 
 DEFAULT_DATABASE = "workers_bench_soak"
 REQUEST_TIMEOUT = 30  # seconds: the demo fleet's client timeout
@@ -148,12 +148,7 @@ def fleet_process(plan: FleetPlan, pipe) -> None:
     """The fleet process: ("started", first slot, registration seconds), then ("done", the
     report slots as plain tuples) or ("error", text) on `pipe`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops this process
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
+    loop = serving.new_event_loop()
     try:
         sent = loop.run_until_complete(run_fleet(plan, pipe))
         pipe.send(("done", [tuple(slot) for slot in sent]))

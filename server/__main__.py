@@ -16,7 +16,6 @@
 """
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -40,16 +39,8 @@ from .storage.registrations import WorkerFilter
 DEFAULT_USER_NAME = "admin"
 
 
-def _event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def _run(coroutine) -> int:
-    loop = _event_loop()
+    loop = serving.new_event_loop()
     try:
         return loop.run_until_complete(coroutine) or 0
     finally:

@@ -7,9 +7,10 @@ server process hands these reads to reader processes of its own
 (WORKERS_READ_PROCESSES, default 1), started at a lower CPU priority (WORKERS_READ_NICE)
 as fresh interpreters (multiprocessing's spawn: nothing of the server process's event loop
 or threads is copied; the first read of a process waits for its reader to start, about a
-second). A reader leaves when its server process is gone, however it ended. A reader runs one read at a time on a connection of
-its own and sends back the answer's `data` serialized; the server process puts those bytes
-into the envelope as they are (orjson.Fragment). Which read runs next is admission.py's
+second). A reader leaves when its server process is gone, however it ended. A reader runs
+one read at a time on a connection of its own and sends back the answer's `data`
+serialized; the server process puts those bytes into the envelope as they are
+(orjson.Fragment). Which read runs next is admission.py's
 choice. With WORKERS_READ_PROCESSES=0 the reads run in the server process (admitted the
 same way, one at a time).
 
@@ -31,7 +32,7 @@ from typing import Awaitable, Callable
 import asyncpg
 import orjson
 
-from . import errors
+from . import errors, serving
 from .admission import ReadAdmission
 from .config import Settings
 from .errors import ApiError
@@ -116,13 +117,7 @@ def _start_reader(settings: Settings, server_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops its readers
     os.nice(settings.read_nice)
     threading.Thread(target=_leave_with, args=(server_pid,), name="leave-with-server", daemon=True).start()
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    _reader = _Reader(settings, loop)
+    _reader = _Reader(settings, serving.new_event_loop())
 
 
 def _leave_with(server_pid: int) -> None:

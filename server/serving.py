@@ -10,6 +10,7 @@ directory unless the operator names one), which `/metrics` sums (server/metrics.
 WORKERS_METRICS_BIND the master process serves that sum on its own address instead.
 """
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -25,6 +26,15 @@ from .config import Settings
 
 WORKER_CLASS = "aiohttp.GunicornUVLoopWebWorker"
 GC_YOUNG_THRESHOLD = 20_000
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (as the server processes run), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def gunicorn_options(settings: Settings) -> dict:
