@@ -36,10 +36,12 @@ own transaction. This benchmark runs such a fleet and measures what it costs:
    rollup_watermark, every 5 s); the database's size at the window's start and end; and,
    after it, the stored rows of the window against the answers 200 (when worker_stats is a
    table to count);
-5. the HTTP floor (--floor seconds, after the run): the same fleet, not registering, against
+5. the HTTP floors (--floor seconds each, after the run): the same fleet, not registering, against
    bench/bare_app.py, which parses each body and answers the envelope and stores nothing, served
    the same way (gunicorn, uvloop, the same process count): the server CPU a request costs at this
-   rate before any work of ours, measured in the same run as the server's own figure;
+   rate before any work of ours, measured in the same run as the server's own figure; then
+   against nginx answering every request with a fixed envelope (when nginx is installed): what
+   this machine charges a compiled event-driven server for the same requests;
 6. prints the figures per stored report beside the targets, and stops everything.
 
 Exit status 1 when any report was answered other than 200 (there is no fault here, so a 503
@@ -52,6 +54,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import resource
 import signal
 import subprocess
@@ -108,7 +111,11 @@ POSTGRES_SAMPLE_SECONDS = 0.05  # how often PostgreSQL's processes are attribute
 RATE_MARGIN = 10  # the company's reports/s limit: this many times the fleet's rate
 CHART_RANGE = 3600
 CHART_INTERVAL = 15  # what the fleet page asks for 1 h (300 points, rounded up to a nice step)
-FLOOR_WARMUP_SECONDS = 10  # of the bare handler's requests, before its window
+FLOOR_WARMUP_SECONDS = 10  # of a floor server's requests, before its window
+FLOOR_SERVERS = {
+    "bare handler": "bench/bare_app.py (parses the body, answers, stores nothing)",
+    "nginx": "nginx (a fixed answer)",
+}
 CATCH_UP_SECONDS = 2  # after the reader's calls, before a quiet stretch begins
 LATE_SEND_MS = 50  # a send's p99 lateness beyond this: the fleet did not keep its schedule
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -616,8 +623,9 @@ def window_slots(sent: list[Sent], measured: Measured) -> list[Sent]:
 
 
 class Floor(NamedTuple):
-    """The same fleet against bench/bare_app.py: what its HTTP requests alone cost."""
+    """The same fleet against a server that stores nothing: what its HTTP requests alone cost."""
 
+    name: str
     cpu: float  # seconds, the bare server's processes in the window
     answered: int  # requests answered 200 in the window
     seconds: float
@@ -725,7 +733,7 @@ def spread(values_ms: list[float]) -> str:
             f"{max(values_ms, default=math.nan):,.1f} ms")  # fmt: skip
 
 
-def print_cpu(results: Results, measured: Measured, floor: Floor | None) -> None:
+def print_cpu(results: Results, measured: Measured, floors: list[Floor]) -> None:
     seconds, cpu = results.seconds, results.cpu
     count = cores()
     print()
@@ -754,8 +762,8 @@ def print_cpu(results: Results, measured: Measured, floor: Floor | None) -> None
           f"{(reads.server + reads.postgres) / reads.pairs * 1000 if reads.pairs else math.nan:,.0f} ms per pair; "
           f"{results.per_report_us(reads.server + reads.postgres):,.0f} µs per stored report (estimated); "
           f"the sum without them {results.per_report_us(without_reads(results)):,.0f} µs")  # fmt: skip
-    if floor is not None:
-        print(f"  the HTTP floor: bench/bare_app.py (parses the body, answers, stores nothing) under the same fleet, "
+    for floor in floors:
+        print(f"  the HTTP floor, {FLOOR_SERVERS[floor.name]}, under the same fleet: "
               f"{floor.answered:,} requests in {floor.seconds:,.0f} s: {floor.per_request_us:,.0f} µs per request "
               f"({floor.cpu:,.1f} s, {percent(floor.cpu, floor.seconds)}); the server above it "
               f"{results.per_report_us(cpu['server']) - floor.per_request_us:,.0f} µs per report")  # fmt: skip
@@ -828,7 +836,7 @@ def print_reads(args, measured: Measured) -> None:
                 print(f"    ERROR at {read.at - measured.first.at:,.0f} s: {read.error}")
 
 
-def print_summary(results: Results, measured: Measured, floor: Floor | None) -> None:
+def print_summary(results: Results, measured: Measured, floors: list[Floor]) -> None:
     cpu = results.cpu
     total = counted_cpu(results)
     fleet_chart = [read.ms for read in window_reads(measured, FLEET_CHART) if not read.error]
@@ -843,7 +851,7 @@ def print_summary(results: Results, measured: Measured, floor: Floor | None) -> 
         ("  sum", f"{results.per_report_us(total):,.0f} µs", f"<= {TARGET_CPU_US} µs",
          met(None if total is None else results.per_report_us(total) <= TARGET_CPU_US)),
         ("  sum without the reads", f"{results.per_report_us(without_reads(results)):,.0f} µs", "(estimated)", ""),
-        ("HTTP floor per request", "-" if floor is None else f"{floor.per_request_us:,.0f} µs", "(bare handler)", ""),
+        *((f"HTTP floor: {floor.name}", f"{floor.per_request_us:,.0f} µs", "(per request)", "") for floor in floors),
         ("report latency p99", f"{p99:,.1f} ms", f"< {TARGET_P99_MS} ms", met(p99 < TARGET_P99_MS if results.latencies_ms else None)),
         ("rollup lag, max", "-" if lag is None else f"{lag:,.0f} s", f"<= {TARGET_LAG_S} s", met(None if lag is None else lag <= TARGET_LAG_S)),
         ("fleet chart 1 h, median", "-" if chart is None else f"{chart:,.0f} ms", f"<= {TARGET_CHART_MS} ms",
@@ -888,7 +896,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tree", type=Path, help="run the server of this checkout (e.g. a git worktree) instead")
     parser.add_argument(
         "--floor", type=float, default=60,
-        help="seconds of the same fleet against bench/bare_app.py after the run, the HTTP floor (default 60; 0: none)",
+        help="seconds of the same fleet against bench/bare_app.py, then nginx, after the run: the HTTP floors "
+        "(default 60 each; 0: none)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     for name in ("workers", "period", "minutes", "reader_period", "processes"):
@@ -931,31 +940,62 @@ def stop_fleet(process: multiprocessing.Process | None) -> None:
         process.join(10)
 
 
-def measure_floor(args, workdir: Path) -> Floor:
-    """The fleet's reports at the same rate, to a handler that parses the body and answers the
-    envelope, storing nothing (bench/bare_app.py: the same gunicorn + uvloop serving, the same
-    process count). What a request costs the server at this rate before any work of ours."""
+def measure_floors(args, workdir: Path) -> list[Floor]:
+    """The fleet's reports at the same rate, to servers that store nothing: bench/bare_app.py
+    (parses the body and answers the envelope: the same gunicorn + uvloop serving, the same
+    process count), what a request costs our framework at this rate before any work of ours;
+    and nginx answering a fixed envelope (when installed), what it costs a compiled server."""
+    floors = [measure_floor(args, bare_app_server(args, workdir))]
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if os.access(nginx, os.X_OK):
+        floors.append(measure_floor(args, nginx_server(nginx, args, workdir)))
+    else:
+        log("nginx is not installed: no compiled server's floor")
+    return floors
+
+
+def bare_app_server(args, workdir: Path) -> ServerProcess:
     port = free_port()
     argv = [sys.executable, "-m", "bench.bare_app", "--host", HOST, "--port", str(port), "--processes", str(args.processes)]
-    bare = ServerProcess("bare", argv, port, {**os.environ, "PYTHONUNBUFFERED": "1"}, workdir / "bare.log")
-    bare.start()
+    return ServerProcess("bare handler", argv, port, {**os.environ, "PYTHONUNBUFFERED": "1"}, workdir / "bare.log")
+
+
+def nginx_server(nginx: str, args, workdir: Path) -> ServerProcess:
+    port, folder = free_port(), workdir / "nginx"
+    folder.mkdir(exist_ok=True)
+    answer = orjson.dumps({"meta": {"result_code": 0, "result_msg": "OK"}, "data": {}}).decode()
+    (folder / "nginx.conf").write_text(
+        f"worker_processes {args.processes};\ndaemon off;\npid {folder / 'nginx.pid'};\n"
+        f"error_log {folder / 'error.log'} warn;\nevents {{ worker_connections {4 * args.workers + 64}; }}\n"
+        f"http {{ access_log off; client_body_temp_path {folder / 'body'};\n"
+        f"  server {{ listen {HOST}:{port}; location / {{ default_type application/json; return 200 '{answer}'; }} }} }}\n"
+    )  # fmt: skip
+    argv = [nginx, "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(folder / "nginx.conf")]
+    return ServerProcess("nginx", argv, port, dict(os.environ), workdir / "nginx.log")
+
+
+def measure_floor(args, server: ServerProcess) -> Floor:
+    """The server's CPU per request answered in `args.floor` seconds of the fleet, after
+    FLOOR_WARMUP_SECONDS of it."""
+    log(f"the HTTP floor: the same fleet against {FLOOR_SERVERS[server.name]} for {args.floor:g} s")
+    server.start()
     fleet = None
     try:
-        bare.wait_ready(args.processes)
-        plan = FleetPlan(bare.url, "", args.workers, args.period, args.seed, FLOOR_WARMUP_SECONDS + args.floor, register=False)
+        server.wait_ready(args.processes)
+        plan = FleetPlan(server.url, "", args.workers, args.period, args.seed, FLOOR_WARMUP_SECONDS + args.floor, register=False)
         fleet, pipe = start_fleet(plan)
         start, _ = receive(pipe, fleet, "started", timeout=60)
         time.sleep(max(0.0, start + FLOOR_WARMUP_SECONDS - time.monotonic()))
-        pids = bare.pids()
+        pids = server.pids()
         used, began = total_cpu(pids), time.monotonic()
         time.sleep(args.floor)
         used, ended = total_cpu(pids) - used, time.monotonic()
         (plain,) = receive(pipe, fleet, "done", timeout=REQUEST_TIMEOUT + 60)
     finally:
         stop_fleet(fleet)
-        bare.stop()
+        server.stop()
     answered = sum(1 for slot in map(Sent._make, plain) if slot.status == 200 and began <= slot.due + slot.latency < ended)
-    return Floor(used, answered, ended - began)
+    return Floor(server.name, used, answered, ended - began)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -982,20 +1022,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_fleet(fleet)
         server.stop()
-    floor = None
-    if args.floor:
-        log(f"the HTTP floor: the same fleet against bench/bare_app.py for {args.floor:g} s")
-        floor = measure_floor(args, workdir)
+    floors = measure_floors(args, workdir) if args.floor else []
     sent = [Sent(*slot) for slot in plain]
     stored = asyncio.run(stored_rows(dsn, company, *window_ms(measured)))
     results = results_of(sent, measured, stored)
 
     print_setup(args, tree, dsn, registered_s, measured)
     print_reports(args, results)
-    print_cpu(results, measured, floor)
+    print_cpu(results, measured, floors)
     print_lag_and_storage(results, measured)
     print_reads(args, measured)
-    print_summary(results, measured, floor)
+    print_summary(results, measured, floors)
     failures = failures_of(results, measured)
     print()
     for text in failures:
