@@ -115,6 +115,7 @@ def _read_limits(spec: APISpec, settings: Settings) -> None:
     for schema, field, limit in (
         ("StatsRequest", "worker_ids", settings.max_stats_worker_ids),
         ("MetricKeysRequest", "worker_ids", settings.max_stats_worker_ids),
+        ("ActivityRequest", "worker_ids", settings.max_stats_worker_ids),
         ("StatsRequest", "items", settings.max_stats_items),
     ):
         if limit:

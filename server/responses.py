@@ -91,7 +91,9 @@ Dates = fields.List(
 class AggregatedValues(Strict):
     aggregation = fields.String(validate=validate.OneOf(["avg", "min", "max"]), required=True)
     values = fields.List(
-        fields.Float(), metadata={"description": "one per date; 0 where nothing was reported"}, required=True
+        fields.Float(allow_none=True),
+        metadata={"description": "one per date; 0 where nothing was reported (null with `empty_buckets: null`)"},
+        required=True,
     )
 
 
@@ -107,8 +109,17 @@ class WorkerSeries(Strict):
     metrics = fields.List(fields.Nested(MetricSeries), required=True)
 
 
+PartialSince = fields.Integer(
+    metadata={
+        "description": "with `include_partial_bucket`, when the last bucket ends after to_date: its start, in "
+        "milliseconds since the epoch (it holds the reports up to to_date only)"
+    }
+)
+
+
 class Stats(Strict):
     workers = fields.List(fields.Nested(WorkerSeries), required=True)
+    partial_since = PartialSince
 
 
 class Counts(Strict):
@@ -118,7 +129,10 @@ class Counts(Strict):
 
 class ActivityReport(Strict):
     total = fields.Nested(Counts, metadata={"description": "workers that reported in each bucket"}, required=True)
-    active = fields.Nested(Counts, metadata={"description": "of those, workers that ran a task"}, required=True)
+    active = fields.Nested(
+        Counts, metadata={"description": "of those, workers that sent a task in some report of the bucket"}, required=True
+    )
+    partial_since = PartialSince
 
 
 # Each endpoint's `data` on success.

@@ -265,6 +265,13 @@ class TimeRangeRequest(RequestSchema):
     from_date = Number(required=True, non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS))
     to_date = Number(required=True, non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS))
     interval = Integer(required=True, minimum=1)
+    include_partial_bucket = Boolean(
+        load_default=False,
+        metadata={
+            "description": "extension: also answer the last bucket when the range ends before it does (it is "
+            "left out by default); the answer's `partial_since` then gives that bucket's start"
+        },
+    )
 
 
 class StatItem(RequestSchema):
@@ -276,6 +283,18 @@ class StatsRequest(TimeRangeRequest):
     items = fields.List(fields.Nested(StatItem), required=True, validate=validate.Length(min=1))
     worker_ids = TextList()
     split_by_variant = Boolean(load_default=False)
+    empty_buckets = fields.String(
+        load_default="zero",
+        validate=validate.OneOf(["zero", "null"]),
+        metadata={
+            "description": "extension: the value of a bucket in which the worker sent no value of the metric: "
+            "`zero` (0, as ClearML answers) or `null`"
+        },
+    )
+
+
+class ActivityRequest(TimeRangeRequest):
+    worker_ids = TextList(metadata={"description": "extension: count only these workers (default: every worker)"})
 
 
 def _flatten(messages, prefix: str = ""):
@@ -309,5 +328,5 @@ register_request = RegisterRequest()
 unregister_request = UnregisterRequest()
 worker_filter_request = WorkerFilterRequest()
 metric_keys_request = MetricKeysRequest()
-activity_request = TimeRangeRequest()
+activity_request = ActivityRequest()
 stats_request = StatsRequest()

@@ -69,7 +69,10 @@ def assert_same_answer(served, raw) -> None:
     if isinstance(served, dict):
         assert served.keys() == raw.keys()
         if served.get("aggregation") == "avg":
-            assert all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) for a, b in zip(served["values"], raw["values"]))
+            assert all(
+                a is b if None in (a, b) else math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+                for a, b in zip(served["values"], raw["values"])
+            )
             assert len(served["values"]) == len(raw["values"])
             return
         for key in served:
@@ -96,9 +99,15 @@ async def compare_charts(served_client, raw_client, from_date, to_date, interval
         body = {**stats_body, "split_by_variant": split}
         served = await ok(served_client, "workers.get_stats", body)
         assert_same_answer(served, await ok(raw_client, "workers.get_stats", body))
+    nulls = {**stats_body, "empty_buckets": "null"}
+    assert_same_answer(await ok(served_client, "workers.get_stats", nulls), await ok(raw_client, "workers.get_stats", nulls))
     activity_body = {"from_date": from_date, "to_date": to_date, "interval": interval}
     served_activity = await ok(served_client, "workers.get_activity_report", activity_body)
     assert served_activity == await ok(raw_client, "workers.get_activity_report", activity_body)
+    some = {**activity_body, "worker_ids": [worker["worker"] for worker in served["workers"][::2]]}
+    served_some = await ok(served_client, "workers.get_activity_report", some)
+    assert served_some == await ok(raw_client, "workers.get_activity_report", some)
+    assert sum(served_some["total"]["counts"]) < sum(served_activity["total"]["counts"]) or len(served["workers"]) < 2
     return served
 
 

@@ -60,9 +60,9 @@ def series(data: dict) -> dict:
     return result
 
 
-async def activity(client, from_date, to_date, interval) -> dict:
+async def activity(client, from_date, to_date, interval, **fields) -> dict:
     """get_activity_report data, its dates in seconds."""
-    body = {"from_date": from_date, "to_date": to_date, "interval": interval}
+    body = {"from_date": from_date, "to_date": to_date, "interval": interval, **fields}
     data = await ok(client, "workers.get_activity_report", body)
     for series_name in ("total", "active"):
         data[series_name]["dates"] = in_seconds(data[series_name]["dates"])
@@ -486,3 +486,89 @@ async def test_activity_counts_reports_from_from_date_through_to_date(client):
     await report(client, "w4", BASE + 290.5)  # after to_date
     data = await activity(client, BASE + 10, BASE + 290, 100)
     assert data["total"] == {"dates": [BASE, BASE + 100, BASE + 200], "counts": [1, 0, 1]}
+
+
+# --- extensions: empty buckets as null, the partial last bucket, activity of some workers --
+
+
+async def test_stats_empty_buckets_null_where_the_worker_sent_nothing(client):
+    await report(client, "w1", BASE + 30, {"memory_used": 10, "gpu_usage": [0.0]})
+    await report(client, "w1", BASE + 130, {"memory_used": 0.0})
+    items = [{"key": "memory_used"}, {"key": "memory_used", "aggregation": "max"}, {"key": "gpu_usage"}]
+    data = await get_stats(client, BASE, BASE + 250, 60, items, empty_buckets="null")
+    dates = [BASE, BASE + 60, BASE + 120, BASE + 180]
+    assert series(data) == {
+        # a 0 sent stays 0; a bucket without a value of the metric is null
+        ("w1", "memory_used", None): {"dates": dates, "avg": [10, None, 0, None], "max": [10, None, 0, None]},
+        ("w1", "gpu_usage", None): {"dates": dates, "avg": [0, None, None, None]},
+    }
+    zero = await get_stats(client, BASE, BASE + 250, 60, items, empty_buckets="zero")
+    assert series(zero) == series(await get_stats(client, BASE, BASE + 250, 60, items))
+    assert series(zero)[("w1", "memory_used", None)]["avg"] == [10, 0, 0, 0]
+
+
+@pytest.mark.parametrize("endpoint", ["workers.get_stats", "workers.get_activity_report"])
+@pytest.mark.parametrize(
+    "fields, name",
+    [({"empty_buckets": "none"}, "empty_buckets"), ({"empty_buckets": 0}, "empty_buckets"),
+     ({"include_partial_bucket": "yes"}, "include_partial_bucket"), ({"worker_ids": "w1"}, "worker_ids")],
+)  # fmt: skip
+async def test_bad_extension_fields_are_12_naming_the_field(client, endpoint, fields, name):
+    if endpoint == "workers.get_activity_report" and name == "empty_buckets":
+        return  # not a field of the activity report: ignored, like any unknown field
+    body = {"from_date": BASE, "to_date": BASE + 60, "interval": 60, "items": [{"key": "cpu_usage"}], **fields}
+    code, subcode, message, _ = await call(client, endpoint, body)
+    assert (code, subcode) == (400, 12)
+    assert name in message, message
+
+
+@pytest.mark.parametrize("to_offset", [289, 250, 201])
+async def test_stats_partial_last_bucket_is_answered_and_marked(client, to_offset):
+    await report(client, "w1", BASE + 150, {"memory_used": 1})
+    await report(client, "w1", BASE + 201, {"memory_used": 2})
+    await report(client, "w1", BASE + 290, {"memory_used": 8})  # after every to_date here
+    items = [{"key": "memory_used"}]
+    data = await get_stats(client, BASE, BASE + to_offset, 100, items, include_partial_bucket=True)
+    assert series(data) == {("w1", "memory_used", None): {"dates": [BASE, BASE + 100, BASE + 200], "avg": [0, 1, 2]}}
+    assert data["partial_since"] == (BASE + 200) * 1000
+    plain = await get_stats(client, BASE, BASE + to_offset, 100, items)
+    assert "partial_since" not in plain
+    assert series(plain)[("w1", "memory_used", None)]["dates"] == [BASE, BASE + 100]
+
+
+async def test_partial_since_only_when_the_last_bucket_ends_after_to_date(client):
+    await report(client, "w1", BASE + 50, {"memory_used": 1})
+    await report(client, "w1", BASE + 150, {"memory_used": 3}, task="t1")
+    items = [{"key": "memory_used"}]
+    whole = await get_stats(client, BASE, BASE + 199.5, 100, items, include_partial_bucket=True)
+    assert series(whole) == {("w1", "memory_used", None): {"dates": [BASE, BASE + 100], "avg": [1, 3]}}
+    assert whole["partial_since"] == (BASE + 100) * 1000  # [100, 200) ends after 199.5
+    exact = await get_stats(client, BASE, BASE + 100, 100, items, include_partial_bucket=True)
+    assert series(exact) == {("w1", "memory_used", None): {"dates": [BASE, BASE + 100], "avg": [1, 0]}}
+    assert exact["partial_since"] == (BASE + 100) * 1000  # the bucket holding to_date, to_date alone
+    counts = await activity(client, BASE, BASE + 250, 100, include_partial_bucket=True)
+    assert counts["total"] == {"dates": [BASE, BASE + 100, BASE + 200], "counts": [1, 1, 0]}
+    assert counts["active"]["counts"] == [0, 1, 0]
+    assert counts["partial_since"] == (BASE + 200) * 1000
+    assert "partial_since" not in await activity(client, BASE, BASE + 250, 100)
+
+
+async def test_activity_of_the_workers_asked_for(client):
+    await report(client, "w1", BASE + 1, task="t1")
+    await report(client, "w2", BASE + 2)
+    await report(client, "w3", BASE + 61, task="t3")
+    data = await activity(client, BASE, BASE + 120, 60, worker_ids=["w2", "w3", "unknown"])
+    assert data["total"] == {"dates": [BASE, BASE + 60], "counts": [1, 1]}
+    assert data["active"] == {"dates": [BASE, BASE + 60], "counts": [0, 1]}
+    nobody = await activity(client, BASE, BASE + 120, 60, worker_ids=["unknown"])
+    assert nobody["total"]["counts"] == [0, 0] and nobody["active"]["counts"] == [0, 0]
+    everyone = await activity(client, BASE, BASE + 120, 60, worker_ids=[])
+    assert everyone["total"]["counts"] == [2, 1]
+
+
+async def test_activity_worker_ids_beyond_the_limit_is_16(make_client):
+    client = await make_client(max_stats_worker_ids=2)
+    body = {"from_date": BASE, "to_date": BASE + 60, "interval": 60, "worker_ids": ["a", "b", "c"]}
+    code, subcode, message, _ = await call(client, "workers.get_activity_report", body)
+    assert (code, subcode) == (400, 16)
+    assert "worker_ids" in message, message

@@ -157,13 +157,13 @@ async def get_metric_keys(call: Call) -> dict:
 THREADED_ANSWER_SERIES = 100  # get_stats answers of more series than this are made in a thread
 
 
-def _bucket_starts(from_date: float, to_date: float, interval: int, limit: int) -> list[int]:
+def _bucket_starts(from_date: float, to_date: float, interval: int, limit: int, partial: bool = False) -> list[int]:
     """The start of every bucket to return (SPEC §2, get_stats): aligned to the epoch, from
     the one holding from_date to the one holding to_date, the last dropped when it starts
-    later than to_date - 0.9 * interval."""
+    later than to_date - 0.9 * interval (unless `partial`: the extension that keeps it)."""
     first = rollups.floor_to(from_date, interval)
     last = rollups.floor_to(to_date, interval)
-    if last > to_date - 0.9 * interval:
+    if not partial and last > to_date - 0.9 * interval:
         last -= interval
     count = (last - first) // interval + 1
     if count > limit:
@@ -198,7 +198,7 @@ async def _chart(
             workers = await _workers_asked(pool, company, worker_ids)
             raw_affordable = charts.raw_worker_hours(interval, workers) <= settings.raw_read_budget_worker_hours
         interval = charts.choose_interval(interval, from_date, now, settings.retention, raw_affordable, split_by_variant)
-    buckets = _bucket_starts(from_date, to_date, interval, settings.max_chart_buckets)
+    buckets = _bucket_starts(from_date, to_date, interval, settings.max_chart_buckets, body["include_partial_bucket"])
     if not buckets:
         return interval, buckets, []
     end = buckets[-1] + interval
@@ -207,6 +207,13 @@ async def _chart(
     low, high = charts.read_range(from_date, to_date, buckets[0], end, now, settings.retention)
     exact_before = await rollups.read_watermark(pool, company)
     return interval, buckets, charts.segments(low, high, interval, exact_before, split_by_variant)
+
+
+def _with_partial(answer: dict, body: dict, interval: int, buckets: list[int]) -> dict:
+    """The extension's mark of a last bucket that ends after to_date (include_partial_bucket)."""
+    if body["include_partial_bucket"] and buckets and buckets[-1] + interval > body["to_date"]:
+        answer["partial_since"] = buckets[-1] * 1000
+    return answer
 
 
 def _variant_order(variant: str | None):
@@ -252,14 +259,20 @@ async def stats(pool, settings: Settings, company: str, body: dict) -> dict:
     # With reads in the server process (WORKERS_READ_PROCESSES=0), a fleet's answer of
     # thousands of series is made in a thread, so that the event loop answers status reports
     # meanwhile (in a reader process the thread costs little and changes nothing).
+    empty = None if body["empty_buckets"] == "null" else 0.0
     if len(found) > THREADED_ANSWER_SERIES:
-        return {"workers": await asyncio.to_thread(_stats_answer, found, buckets, aggregations)}
-    return {"workers": _stats_answer(found, buckets, aggregations)}
+        workers = await asyncio.to_thread(_stats_answer, found, buckets, aggregations, empty)
+    else:
+        workers = _stats_answer(found, buckets, aggregations, empty)
+    return _with_partial({"workers": workers}, body, interval, buckets)
 
 
-def _stats_answer(found: charts.Series, buckets: list[int], aggregations: dict[str, list[str]]) -> list[dict]:
+def _stats_answer(
+    found: charts.Series, buckets: list[int], aggregations: dict[str, list[str]], empty: float | None = 0.0
+) -> list[dict]:
     """get_stats' `workers`: per worker (sorted), its metrics (in the order asked for, then by
-    variant), each with its dates and one list of values per aggregation asked for."""
+    variant), each with its dates and one list of values per aggregation asked for, `empty`
+    where the worker sent no value in the bucket."""
     series: dict[str, dict[tuple[str, str | None], dict[str, np.ndarray]]] = defaultdict(dict)  # by worker
     for (worker, metric, variant), values in found.items():
         series[worker][(metric, variant)] = values
@@ -276,7 +289,7 @@ def _stats_answer(found: charts.Series, buckets: list[int], aggregations: dict[s
             entry["dates"] = dates
             entry["stats"] = [
                 # 0 where the worker did not report (SPEC §2, as the reference server answers)
-                {"aggregation": aggregation, "values": np.nan_to_num(values[aggregation], nan=0.0).tolist()}
+                {"aggregation": aggregation, "values": _filled(values[aggregation], empty)}
                 for aggregation in aggregations[metric]
             ]
             metrics.append(entry)
@@ -284,17 +297,26 @@ def _stats_answer(found: charts.Series, buckets: list[int], aggregations: dict[s
     return workers
 
 
+def _filled(values: np.ndarray, empty: float | None) -> list:
+    if empty is not None:
+        return np.nan_to_num(values, nan=empty).tolist()
+    return [None if value != value else value for value in values.tolist()]  # NaN != NaN
+
+
 async def get_activity_report(call: Call) -> dict:
     body = schemas.load(schemas.activity_request, call.body)
+    _check_worker_ids(call, body)
     _check_dates(body)
     return await _heavy_read(call, activity, body)
 
 
 async def activity(pool, settings: Settings, company: str, body: dict) -> dict:
-    interval, buckets, pieces = await _chart(pool, settings, company, body, [])
-    total, active = await charts.activity(pool, company, pieces, interval=interval, buckets=buckets)
+    worker_ids = body.get("worker_ids", [])
+    interval, buckets, pieces = await _chart(pool, settings, company, body, worker_ids)
+    total, active = await charts.activity(pool, company, pieces, interval=interval, buckets=buckets, worker_ids=worker_ids)
     dates = [bucket * 1000 for bucket in buckets]  # milliseconds, as the reference server answers
-    return {"total": {"dates": dates, "counts": total}, "active": {"dates": dates, "counts": active}}
+    answer = {"total": {"dates": dates, "counts": total}, "active": {"dates": dates, "counts": active}}
+    return _with_partial(answer, body, interval, buckets)
 
 
 ENDPOINTS = {

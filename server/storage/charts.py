@@ -170,6 +170,11 @@ async def _read(pool, read):
         raise _timeout() from None
 
 
+def _chosen(known_workers: dict[str, int], worker_ids) -> list[int]:
+    """The ids of the workers asked for that the company has (none asked: all of them)."""
+    return [known_workers[w] for w in worker_ids if w in known_workers] if worker_ids else list(known_workers.values())
+
+
 # Per series (worker, metric, variant or None): "min", "max" and "avg", one value per bucket
 # asked for (NaN where the series has no report in the bucket).
 Series = dict[tuple[str, str, str | None], dict[str, np.ndarray]]
@@ -191,7 +196,7 @@ async def stats(
 
     async def read(conn):
         known_workers = await ids.workers_of_company(conn, company)
-        workers = [known_workers[w] for w in worker_ids if w in known_workers] if worker_ids else list(known_workers.values())
+        workers = _chosen(known_workers, worker_ids)
         metric_ids = await ids.metrics_by_name(conn, company, metrics)
         if not workers or not metric_ids:
             return None
@@ -236,14 +241,18 @@ def _series(rows: Aggregates, first: int, count: int, worker_names, metric_names
     return result
 
 
-async def activity(pool, company: str, pieces: list[Segment], *, interval: int, buckets: list[int]) -> tuple[list, list]:
-    """Distinct reporting workers (`total`) and those running a task (`active`) per bucket."""
+async def activity(
+    pool, company: str, pieces: list[Segment], *, interval: int, buckets: list[int], worker_ids: list[str] = ()
+) -> tuple[list, list]:
+    """Distinct reporting workers (`total`) and those running a task (`active`) per bucket,
+    of `worker_ids` (empty: every worker of the company)."""
     if not pieces:
         return [0] * len(buckets), [0] * len(buckets)
 
     async def read(conn):
-        workers = list((await ids.workers_of_company(conn, company)).values())
-        return await _fetch(conn, company, pieces, None, workers, every_worker=True) if workers else None
+        known_workers = await ids.workers_of_company(conn, company)
+        workers = _chosen(known_workers, worker_ids)
+        return await _fetch(conn, company, pieces, None, workers, every_worker=not worker_ids) if workers else None
 
     fetched = await _read(pool, read)
     if fetched is None:
