@@ -10,11 +10,14 @@ serves the whole module, in file order; each test signs in first if it has to.
 
 import asyncio
 import fnmatch
+import json
 import re
 import threading
 import time
 import tomllib
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import orjson
@@ -255,8 +258,16 @@ def shown_ids(driver) -> list[str]:
 
 
 def figures(driver, parent: str) -> dict:
-    return {text_of(figure.find_element(By.TAG_NAME, "figcaption")): figure
+    return {text_of(figure.find_element(By.CSS_SELECTOR, "figcaption .chart-title")): figure
             for figure in driver.find_elements(By.CSS_SELECTOR, f"#{parent} figure")}
+
+
+def chart_note(figure) -> str:
+    return text_of(figure.find_element(By.CSS_SELECTOR, "figcaption .chart-note"))
+
+
+def legend_names(figure) -> list[str]:
+    return [text_of(name) for name in figure.find_elements(By.CSS_SELECTOR, ".legend .name")]
 
 
 def problem(driver) -> str:
@@ -386,9 +397,9 @@ def test_signed_in_the_fleet_and_its_charts_are_shown(browser, fleet):
     worker = fleet.workers[0]
     row = browser.find_element(By.XPATH, f"//tbody/tr[td[@class='worker' and text()='{worker}']]")
     cells = [text_of(cell) for cell in row.find_elements(By.TAG_NAME, "td")]
-    assert cells[2] == " ".join(fleet.tags[worker])
-    assert cells[5] == "127.0.0.1"
-    assert re.fullmatch(r"\d+ s ago", cells[6]), cells[6]
+    assert cells[5] == " ".join(fleet.tags[worker])
+    assert cells[6] == "127.0.0.1"
+    assert re.fullmatch(r"\d+ s ago", cells[2]), cells[2]  # health first: the last report
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cells[7]), cells[7]
 
     # The activity over the last hour at 15 s (the test server's chart minimum is 1 s).
@@ -397,7 +408,8 @@ def test_signed_in_the_fleet_and_its_charts_are_shown(browser, fleet):
     points, first, last, nonzero = chart_state(activity)
     assert 239 <= points <= 241 and abs(first - (time.time() - 3600)) < 60 and nonzero >= points - 2
     assert min(canvas_size(activity)) > 100
-    assert browser.find_element(By.ID, "range-note").text == "last 1 h, 15 s buckets"
+    assert browser.find_element(By.ID, "range-note").text == "last 1 h, every worker"
+    assert re.fullmatch(r"15 s buckets; the last \(from \d\d:\d\d\) still filling", chart_note(activity))
 
     # The first four workers are charted: every metric key of theirs, a series each.
     charted = shown_ids(browser)[:4]
@@ -407,34 +419,32 @@ def test_signed_in_the_fleet_and_its_charts_are_shown(browser, fleet):
     for title, figure in figures(browser, "metric-charts").items():
         points, first, last, nonzero = chart_state(figure)
         assert 239 <= points <= 241 and nonzero > 0 and min(canvas_size(figure)) > 100, title
-    legend = [text_of(label) for label in figures(browser, "metric-charts")["cpu_usage (%)"].find_elements(
-        By.CSS_SELECTOR, ".u-legend .u-series .u-label")]
-    assert legend[1:] == charted  # after uPlot's time column
-    assert browser.find_element(By.ID, "metrics-note").text == "4 charted: averages"
+        assert chart_note(figure).startswith("15 s buckets"), title
+    assert legend_names(figures(browser, "metric-charts")["cpu_usage (%)"]) == charted
+    assert browser.find_element(By.ID, "metrics-note").text == "4 charted: averages; gaps where nothing was reported"
 
     browser.find_element(By.ID, "select-all").click()
-    wait(browser, lambda: browser.find_element(By.ID, "metrics-note").text == "5 charted: averages", "all charted")
+    wait(browser, lambda: browser.find_element(By.ID, "metrics-note").text.startswith("5 charted: averages"), "all")
     cpu = wait(browser, lambda: figures(browser, "metric-charts").get("cpu_usage (%)"), "the CPU chart")
-    legend = [text_of(label) for label in cpu.find_elements(By.CSS_SELECTOR, ".u-legend .u-series .u-label")]
-    assert legend[1:] == shown_ids(browser)
+    assert legend_names(cpu) == shown_ids(browser)
 
 
 def test_hostile_worker_data_shows_as_text(browser, fleet):
     signed_in(browser, fleet)
     row = browser.find_element(By.XPATH, f"//tbody/tr[td[@class='worker' and text()='{HOSTILE_ID}']]")
     cells = [text_of(cell) for cell in row.find_elements(By.TAG_NAME, "td")]
-    assert cells[1:5] == [HOSTILE_ID, HOSTILE_TAG, HOSTILE_QUEUE, HOSTILE_TASK]
+    assert [cells[1], *cells[3:6]] == [HOSTILE_ID, HOSTILE_TASK, HOSTILE_QUEUE, HOSTILE_TAG]
 
     select_only(browser, HOSTILE_ID)
     keys = {"cpu_usage (%)", "cpu_temperature (°C)", "memory_used (MB)", "memory_free (MB)", "disk_free_home",
             "disk_read (MB/s)", "disk_write (MB/s)", "network_rx (MB/s)", "network_tx (MB/s)", HOSTILE_METRIC, *SENSORS}
     assert len(keys) * 3 > 64
     wait(browser, lambda: set(figures(browser, "metric-charts")) == keys, "a chart for every metric key of the worker")
-    assert browser.find_element(By.ID, "metrics-note").text == "1 charted: min, average and max"
+    note = f"{HOSTILE_ID}: min, average and max; gaps where nothing was reported"
+    assert browser.find_element(By.ID, "metrics-note").text == note
     metric = figures(browser, "metric-charts")[HOSTILE_METRIC]
     wait(browser, lambda: int(metric.get_attribute("data-nonzero")) > 0, "its data")
-    legend = [text_of(label) for label in metric.find_elements(By.CSS_SELECTOR, ".u-legend .u-series .u-label")]
-    assert legend[1:] == [f"{HOSTILE_ID} avg", f"{HOSTILE_ID} min", f"{HOSTILE_ID} max"]
+    assert legend_names(metric) == ["avg", "min", "max"]
 
     time.sleep(0.5)  # an image's onerror would have fired by now
     assert browser.find_elements(By.CSS_SELECTOR, HOSTILE_ELEMENTS) == []
@@ -493,7 +503,8 @@ def test_the_time_range_changes_the_charts_in_place(browser, fleet):
     for label, seconds, note, buckets in (("6 h", 6 * 3600, "2 min", 180), ("30 d", 30 * 86400, "3 h", 240),
                                           ("1 h", 3600, "15 s", 240)):
         click_range(browser, label)
-        wait(browser, lambda: browser.find_element(By.ID, "range-note").text == f"last {label}, {note} buckets", label)
+        wait(browser, lambda: browser.find_element(By.ID, "range-note").text == f"last {label}, every worker", label)
+        wait(browser, lambda: chart_note(activity).startswith(f"{note} buckets"), f"{label}: {note} buckets")
         wait(browser, lambda: abs(chart_state(activity)[1] - (time.time() - seconds)) < seconds / buckets + 60,
              f"the activity chart over {label}")
         points, first, last, nonzero = chart_state(activity)
@@ -504,6 +515,96 @@ def test_the_time_range_changes_the_charts_in_place(browser, fleet):
             wait(browser, lambda: buckets - 1 <= chart_state(figure)[0] <= buckets + 1, f"{title} over {label}")
     # Redrawn with new data, not remade: the same canvas throughout (no flicker).
     assert canvas.is_displayed() and activity.find_element(By.TAG_NAME, "canvas") == canvas
+
+
+def filter_by(driver, field: str, value: str) -> None:
+    element = driver.find_element(By.ID, field)
+    element.clear()
+    element.send_keys(value, Keys.ENTER)
+
+
+def test_charts_leave_gaps_where_nothing_was_reported(browser, fleet):
+    signed_in(browser, fleet)
+    select_only(browser, fleet.workers[0])
+    click_range(browser, "24 h")
+    cpu = wait(browser, lambda: figures(browser, "metric-charts").get("cpu_usage (%)"), "the CPU chart")
+    # 5-minute buckets; the worker reported in the last 70 minutes only (and a day and more ago)
+    wait(browser, lambda: chart_state(cpu)[0] >= 288 and chart_note(cpu).startswith("5 min buckets"), "24 h")
+    points, _, _, nonzero = chart_state(cpu)
+    empty = int(cpu.get_attribute("data-empty"))
+    assert 3 * (points - 16) <= empty <= 3 * (points - 14), (points, empty)  # avg, min and max: null, not 0
+    assert nonzero > 0
+    click_range(browser, "1 h")
+
+
+def test_every_range_shows_the_newest_bucket_marked_as_filling(browser, fleet):
+    signed_in(browser, fleet)
+    activity = figures(browser, "activity-chart")[""]
+    for label, step in (("24 h", 300), ("7 d", 3600), ("30 d", 3 * 3600)):
+        click_range(browser, label)
+        wait(browser, lambda: chart_note(activity).startswith(f"{step // 3600 or step // 60} "), f"{label} buckets")
+        wait(browser, lambda: activity.get_attribute("data-partial") == activity.get_attribute("data-to") != "",
+             f"{label}: the last bucket marked as filling")
+        newest = float(activity.get_attribute("data-to"))
+        assert newest <= time.time() < newest + step + 10, label  # the bucket that holds now
+        assert "still filling" in chart_note(activity)
+        assert json.loads(activity.get_attribute("data-last"))[0] == len(fleet.workers), label  # all report live
+    click_range(browser, "1 h")
+
+
+def test_the_activity_follows_the_table_filter(browser, fleet):
+    signed_in(browser, fleet)
+    activity = figures(browser, "activity-chart")[""]
+    assert legend_names(activity) == ["reporting", "with a task"]
+    note = browser.find_element(By.ID, "range-note")
+    peak = lambda: json.loads(activity.get_attribute("data-peaks") or "[0]")[0]  # noqa: E731
+
+    filter_by(browser, "worker-pattern", "nothing-*")
+    wait(browser, lambda: note.text == "last 1 h, the 0 workers in the table", "no worker matches")
+    wait(browser, lambda: activity.get_attribute("data-points") == "0", "an empty activity chart")
+
+    spot = [worker for worker, tags in fleet.tags.items() if "spot" in tags]
+    filter_by(browser, "worker-pattern", "")
+    filter_by(browser, "tag-filter", "spot")
+    wait(browser, lambda: note.text == f"last 1 h, the {len(spot)} workers in the table", "the spot workers")
+    wait(browser, lambda: peak() == len(spot), "the activity of the spot workers alone")
+    filter_by(browser, "tag-filter", "")
+    wait(browser, lambda: note.text == "last 1 h, every worker" and peak() == len(fleet.workers), "everyone again")
+
+
+def test_times_in_one_format_with_the_zone_and_a_utc_switch(browser, fleet):
+    new_york = ZoneInfo("America/New_York")
+    offset = int(datetime.now(new_york).utcoffset().total_seconds()) // 60
+    expected_zone = f"America/New_York (UTC{'−' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d})"
+    browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "America/New_York"})
+    try:
+        browser.refresh()
+        signed_in(browser, fleet)
+        status, _, body = fetch(fleet.url + "workers.get_all", method="POST", body=b"{}",
+                                headers={"Authorization": basic_auth(fleet.caller.access_key, fleet.caller.secret)})
+        assert status == 200
+        worker = orjson.loads(body)["data"]["workers"][0]
+        registered = datetime.fromisoformat(worker["register_time"])
+        row = browser.find_element(By.XPATH, f"//tbody/tr[td[@class='worker' and text()='{worker['id']}']]")
+        cell = row.find_elements(By.TAG_NAME, "td")[7]
+        zone_note = browser.find_element(By.ID, "zone-note")
+
+        wait(browser, lambda: zone_note.text == f"times in {expected_zone}", "the browser's zone said")
+        assert text_of(cell) == registered.astimezone(new_york).strftime("%Y-%m-%d %H:%M:%S")
+        browser.find_element(By.CSS_SELECTOR, "[data-zone='utc']").click()
+        wait(browser, lambda: zone_note.text == "times in UTC", "UTC said")
+        wait(browser, lambda: text_of(cell) == registered.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+             "the table in UTC")
+        assert browser.execute_script("return localStorage.getItem('workers-fleet-zone')") == "utc"
+        assert browser.execute_script("return localStorage.length") == 1  # the choice, never the token
+        browser.refresh()
+        wait(browser, lambda: browser.find_element(By.ID, "zone-note").text == "times in UTC", "the choice kept")
+        browser.find_element(By.CSS_SELECTOR, "[data-zone='local']").click()
+        wait(browser, lambda: browser.find_element(By.ID, "zone-note").text == f"times in {expected_zone}", "local")
+        assert browser.execute_script("return localStorage.length") == 0
+    finally:
+        browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})
+        browser.execute_script("localStorage.clear()")
 
 
 def test_refreshes_are_periodic_and_never_pile_up(browser, fleet):
@@ -568,8 +669,30 @@ def test_a_phone_sized_window(browser, fleet):
         scroller = browser.find_element(By.CSS_SELECTOR, ".table-scroll")
         assert browser.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", scroller)
         assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+        # Health first: the last report is on screen without scrolling sideways.
+        last_report = browser.find_element(By.CSS_SELECTOR, "th[data-sort='last_report']")
+        assert browser.execute_script("return arguments[0].getBoundingClientRect().right", last_report) <= width
         for figure in [*figures(browser, "activity-chart").values(), *figures(browser, "metric-charts").values()]:
             wait(browser, lambda: 100 < canvas_size(figure)[0] <= width - 20, "charts as wide as the phone")
+            legend = figure.find_element(By.CSS_SELECTOR, ".legend")
+            assert legend.size["height"] <= canvas_size(figure)[1] / 3  # compact legends
+
+        # Without hovering, the legend gives each series' newest value; a touch moves the cursor.
+        cpu = figures(browser, "metric-charts")["cpu_usage (%)"]
+        when = cpu.find_element(By.CSS_SELECTOR, ".legend-time")
+        assert text_of(when) == "newest:"
+        assert all(re.fullmatch(r"\d+(\.\d+)? %", text_of(v)) for v in cpu.find_elements(By.CSS_SELECTOR, ".legend .value"))
+        over = cpu.find_element(By.CSS_SELECTOR, ".u-over")
+        box = browser.execute_script("arguments[0].scrollIntoView({block: 'center'});"
+                                     "return arguments[0].getBoundingClientRect().toJSON()", over)
+        point = {"x": box["x"] + box["width"] / 2, "y": box["y"] + box["height"] / 2}
+        browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 1})
+        try:
+            browser.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [point]})
+            browser.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        finally:
+            browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": False})
+        wait(browser, lambda: re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", text_of(when)), "the touched time")
     finally:
         browser.set_window_size(1280, 900)
     activity = figures(browser, "activity-chart")[""]

@@ -6,11 +6,13 @@
 
 const REFRESH_SECONDS = 5;
 const TOKEN_KEY = "workers-fleet-token"; // sessionStorage: gone with the tab, never in a URL
+const ZONE_KEY = "workers-fleet-zone"; // localStorage: "utc" once chosen (the default is local time)
 const TARGET_POINTS = 300;
 const NICE_INTERVALS = [10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400];
 const AUTO_SELECTED = 4; // workers charted before anyone picks some
 const MAX_CHARTED = 10; // more series than this would not be read anyway
 const ITEMS_PER_CALL = 30; // get_stats items (the server's default limit is 64)
+const IDS_PER_CALL = 1000; // worker_ids of one get_activity_report (WORKERS_MAX_STATS_WORKER_IDS' default)
 const CHART_HEIGHT = 200;
 const FIRST_CATEGORIES = ["cpu", "gpu", "memory"];
 const PALETTE = [
@@ -31,6 +33,7 @@ const state = {
   sort: { key: "id", direction: 1 },
   selected: new Set(),
   selectionTouched: false,
+  utc: localStorage.getItem(ZONE_KEY) === "utc",
   workers: [],
   busy: false, // a refresh is in flight
   again: false, // and another was asked for meanwhile
@@ -211,30 +214,57 @@ function workerFilter() {
   return filter;
 }
 
+// The range ends now, its last bucket included while it fills (the extension
+// include_partial_bucket: the API leaves it out by default), so that every range shows the
+// newest reports.
 function chartSpan() {
   const now = Math.floor(Date.now() / 1000);
   const wanted = state.range / TARGET_POINTS;
   const interval = NICE_INTERVALS.find((nice) => nice >= wanted) || Math.ceil(wanted);
-  return { from_date: now - state.range, to_date: now, interval };
+  return { from_date: now - state.range, to_date: now, interval, include_partial_bucket: true };
 }
 
 async function load(session) {
   const filter = workerFilter();
+  const filtered = Object.keys(filter).length > 0;
   const span = chartSpan();
-  const [all, count, activity] = await Promise.all([
+  const [all, count, everyone] = await Promise.all([
     api("workers.get_all", { ...filter, last_seen: 0 }),
     api("workers.get_count", filter),
-    api("workers.get_activity_report", span),
+    filtered ? null : api("workers.get_activity_report", span),
   ]);
   if (session !== state.session) return;
   state.workers = all.workers;
   $("count").textContent = `${count.count} worker${count.count === 1 ? "" : "s"}`;
   renderTable();
-  renderActivity(activity, span);
+  // With a filter, the activity is that of the workers in the table (the extension worker_ids).
+  const activity = filtered ? await activityOf(state.workers.map((w) => w.id), span) : everyone;
+  if (session !== state.session) return;
+  renderActivity(activity, span, filtered);
   const charted = chartedWorkers();
   const metrics = charted.length ? await metricStats(charted, span) : { keys: [], workers: [] };
   if (session !== state.session) return;
-  renderMetrics(charted, metrics);
+  renderMetrics(charted, metrics, span);
+}
+
+// Disjoint sets of workers: their counts add up. Later calls ask for the interval the first
+// answer came at, and are summed by date.
+async function activityOf(ids, span) {
+  if (!ids.length) return null;
+  const first = await api("workers.get_activity_report", { ...span, worker_ids: ids.slice(0, IDS_PER_CALL) });
+  const dates = first.total.dates;
+  const step = dates.length > 1 ? (dates[1] - dates[0]) / 1000 : span.interval;
+  const rest = [];
+  for (let i = IDS_PER_CALL; i < ids.length; i += IDS_PER_CALL) {
+    rest.push(api("workers.get_activity_report", { ...span, interval: step, worker_ids: ids.slice(i, i + IDS_PER_CALL) }));
+  }
+  for (const answer of await Promise.all(rest)) {
+    for (const name of ["total", "active"]) {
+      const byDate = new Map(answer[name].dates.map((date, i) => [date, answer[name].counts[i]]));
+      first[name].counts = first[name].counts.map((count, i) => count + (byDate.get(dates[i]) || 0));
+    }
+  }
+  return first;
 }
 
 function orderedMetricKeys(categories) {
@@ -261,10 +291,12 @@ async function metricStats(workerIds, span) {
     const items = keys.slice(i, i + perCall).flatMap((key) =>
       aggregations.map((aggregation) => ({ key, aggregation })),
     );
-    calls.push(api("workers.get_stats", { ...span, worker_ids: workerIds, items }));
+    // null where a worker sent nothing (the extension empty_buckets): gaps, not zeros
+    calls.push(api("workers.get_stats", { ...span, worker_ids: workerIds, items, empty_buckets: "null" }));
   }
   const answers = await Promise.all(calls);
-  return { keys, workers: answers.flatMap((answer) => answer.workers) };
+  const partial = answers.find((answer) => answer.partial_since !== undefined);
+  return { keys, workers: answers.flatMap((answer) => answer.workers), partialSince: partial?.partial_since };
 }
 
 // --- the table -----------------------------------------------------------------------------
@@ -274,15 +306,18 @@ const compareText = (a, b) => collator.compare(a, b);
 
 const idsOf = (items) => (items || []).map((item) => item.id);
 
+// What tells a worker's health first (on a phone the rest scrolls sideways).
 const COLUMNS = [
   { key: "id", className: "worker", text: (w) => w.id },
-  { key: "tags", className: "tags", text: (w) => (w.tags || []).join(" "), render: renderTags },
-  { key: "queue", className: "", text: (w) => (w.queue ? w.queue.id : idsOf(w.queues).join(", ")) },
-  { key: "task", className: "mono clip", text: (w) => (w.task ? w.task.id : "") },
-  { key: "ip", className: "mono", text: (w) => w.ip || "" },
   // The newest report first, the oldest registration first.
-  { key: "last_report", className: "", text: (w) => ago(w.last_report_time), order: (w) => -timeOf(w.last_report_time) },
-  { key: "registered", className: "", text: (w) => localTime(w.register_time), order: (w) => timeOf(w.register_time) },
+  { key: "last_report", className: "", text: (w) => ago(w.last_report_time), order: (w) => -timeOf(w.last_report_time),
+    title: (w) => (w.last_report_time ? `${formatTime(timeOf(w.last_report_time))} ${zoneLabel()}` : "") },
+  { key: "task", className: "mono clip", text: (w) => (w.task ? w.task.id : "") },
+  { key: "queue", className: "", text: (w) => (w.queue ? w.queue.id : idsOf(w.queues).join(", ")) },
+  { key: "tags", className: "tags", text: (w) => (w.tags || []).join(" "), render: renderTags },
+  { key: "ip", className: "mono", text: (w) => w.ip || "" },
+  { key: "registered", className: "", text: (w) => (w.register_time ? formatTime(timeOf(w.register_time)) : ""),
+    order: (w) => timeOf(w.register_time) },
 ];
 
 const rows = new Map(); // worker id -> {row, checkbox, cells, shown}: rows are updated in place
@@ -301,12 +336,57 @@ function ago(iso) {
   return `${Math.floor(seconds / 86400)} d ago`;
 }
 
-function localTime(iso) {
-  if (!iso) return "";
-  const t = new Date(iso);
-  const pad = (n) => String(n).padStart(2, "0");
-  const date = `${t.getFullYear()}-${pad(t.getMonth() + 1)}-${pad(t.getDate())}`;
-  return `${date} ${pad(t.getHours())}:${pad(t.getMinutes())}:${pad(t.getSeconds())}`;
+// --- time: one format (2026-12-07 14:05:09), in UTC or local time, the zone always said ------
+
+const pad = (n) => String(n).padStart(2, "0");
+
+function timeParts(ms) {
+  const t = new Date(ms);
+  return state.utc
+    ? [t.getUTCFullYear(), t.getUTCMonth() + 1, t.getUTCDate(), t.getUTCHours(), t.getUTCMinutes(), t.getUTCSeconds()]
+    : [t.getFullYear(), t.getMonth() + 1, t.getDate(), t.getHours(), t.getMinutes(), t.getSeconds()];
+}
+
+// The whole format, or the part a chart's axis needs: "date", "time" (HH:MM), "seconds".
+function formatTime(ms, part = "full") {
+  const [year, month, day, hours, minutes, secs] = timeParts(ms);
+  const date = `${year}-${pad(month)}-${pad(day)}`;
+  const time = `${pad(hours)}:${pad(minutes)}`;
+  if (part === "date") return date;
+  if (part === "day-time") return `${pad(month)}-${pad(day)} ${time}`;
+  if (part === "time") return time;
+  if (part === "seconds") return `${time}:${pad(secs)}`;
+  return `${date} ${time}:${pad(secs)}`;
+}
+
+function utcOffset() {
+  const minutes = -new Date().getTimezoneOffset();
+  const sign = minutes < 0 ? "−" : "+";
+  return `UTC${sign}${pad(Math.floor(Math.abs(minutes) / 60))}:${pad(Math.abs(minutes) % 60)}`;
+}
+
+function zoneLabel() {
+  if (state.utc) return "UTC";
+  const name = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  return name && name !== "UTC" && name !== "Etc/UTC" ? `${name} (${utcOffset()})` : utcOffset();
+}
+
+function setZone(utc) {
+  state.utc = utc;
+  if (utc) localStorage.setItem(ZONE_KEY, "utc");
+  else localStorage.removeItem(ZONE_KEY);
+  showZone();
+  for (const entry of rows.values()) entry.shown = []; // rewrite every time shown
+  for (const id of [...charts.keys()]) removeChart(id); // axes in the other zone
+  renderTable();
+  refresh();
+}
+
+function showZone() {
+  for (const button of document.querySelectorAll("[data-zone]")) {
+    button.setAttribute("aria-pressed", String((button.dataset.zone === "utc") === state.utc));
+  }
+  $("zone-note").textContent = `times in ${zoneLabel()}`;
 }
 
 function renderTags(cell, worker) {
@@ -356,7 +436,7 @@ function updateRow(entry, worker) {
     const cell = entry.cells[i];
     if (column.render) column.render(cell, worker);
     else cell.textContent = text;
-    cell.title = column.key === "last_report" ? worker.last_report_time || "" : text;
+    cell.title = column.title ? column.title(worker) : text;
   });
   entry.checkbox.checked = state.selected.has(worker.id);
 }
@@ -410,7 +490,8 @@ function sortBy(key) {
 
 // --- the charts ----------------------------------------------------------------------------
 
-const charts = new Map(); // chart id -> {plot, figure, body, signature}: redrawn with setData, not rebuilt
+// chart id -> {plot, figure, body, legend, signature, ...}: redrawn with setData, not rebuilt
+const charts = new Map();
 
 const resizer = new ResizeObserver((entries) => {
   for (const entry of entries) {
@@ -435,20 +516,32 @@ function tickText(value) {
   return `${+value.toFixed(2)}`;
 }
 
-function seriesOptions(label, color, unit, extra = {}) {
-  return { label, stroke: color, width: 1.5, points: { show: false }, value: (u, v) => formatValue(v, unit), ...extra };
+// Time ticks: the part of the page's one format that the tick spacing needs.
+function timeTicks(u, splits, axis, space, increment) {
+  const days = (u.scales.x.max - u.scales.x.min) > 86400;
+  const part = increment >= 86400 ? "date" : increment < 60 ? "seconds" : days ? "day-time" : "time";
+  return splits.map((split) => formatTime(split * 1000, part));
 }
 
-function chartOptions(width, series, unit, bands) {
+// uPlot lays ticks out on dates it gets from here: the page's zone, not always the browser's.
+const zonedDate = (seconds) => (state.utc ? uPlot.tzDate(new Date(seconds * 1000), "Etc/UTC") : new Date(seconds * 1000));
+
+function seriesOptions(label, color, unit, extra = {}) {
+  return { label, stroke: color, width: 1.5, unit, points: { show: false }, ...extra };
+}
+
+function chartOptions(width, series, bands, marks) {
   return {
     width,
     height: CHART_HEIGHT,
-    series: [{}, ...series],
+    tzDate: zonedDate,
+    // A dot marks the last, partial bucket's value (filled while the bucket lasts).
+    series: [{}, ...series.map((s) => ({ ...s, points: { show: false, size: 7, filter: () => marks() } }))],
     bands,
     scales: { x: { time: true }, y: { range: (u, min, max) => [Math.min(0, min), max > 0 ? max * 1.05 : 1] } },
-    axes: [{}, { size: 50, values: (u, ticks) => ticks.map(tickText) }],
+    axes: [{ values: timeTicks }, { size: 50, values: (u, ticks) => ticks.map(tickText) }],
     cursor: { drag: { x: false, y: false } }, // no zooming: the next refresh would undo it
-    legend: { live: true },
+    legend: { show: false }, // the page's own, compact and readable without hovering
   };
 }
 
@@ -461,10 +554,76 @@ function removeChart(id) {
   charts.delete(id);
 }
 
+// The legend under a chart: a swatch, a label and a value per series: at the cursor (a
+// touch moves it too), else the newest value each series has.
+function makeLegend(series) {
+  const legend = document.createElement("div");
+  legend.className = "legend";
+  const when = document.createElement("span");
+  when.className = "legend-time";
+  legend.append(when);
+  const values = series.map((s) => {
+    const item = document.createElement("span");
+    item.className = "legend-item";
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = s.stroke;
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = s.label;
+    const value = document.createElement("span");
+    value.className = "value";
+    item.append(swatch, name, value);
+    legend.append(item);
+    return value;
+  });
+  return { legend, when, values };
+}
+
+function updateLegend(chart) {
+  const { plot, series } = chart;
+  const [xs, ...columns] = plot.data;
+  const touched = chart.touched == null ? -1 : xs.indexOf(chart.touched);
+  const at = plot.cursor.idx ?? (touched >= 0 ? touched : null);
+  if (at != null && xs[at] != null) {
+    chart.when.textContent = formatTime(xs[at] * 1000);
+    columns.forEach((column, i) => (chart.values[i].textContent = formatValue(column[at], series[i].unit)));
+    return;
+  }
+  chart.when.textContent = "newest:";
+  columns.forEach((column, i) => {
+    let last = column.length - 1;
+    while (last >= 0 && column[last] == null) last -= 1;
+    chart.values[i].textContent = formatValue(last >= 0 ? column[last] : null, series[i].unit);
+  });
+}
+
+// A touch picks the time whose values the legend shows (uPlot's cursor follows a mouse only),
+// until the next touch; the page still scrolls.
+function followTouches(chart) {
+  const { plot } = chart;
+  const move = (event) => {
+    const touch = event.touches[0];
+    if (!touch) return;
+    const box = plot.over.getBoundingClientRect();
+    const left = touch.clientX - box.left;
+    chart.touched = plot.data[0][plot.posToIdx(left)] ?? null;
+    plot.setCursor({ left, top: touch.clientY - box.top });
+    updateLegend(chart);
+  };
+  plot.over.addEventListener("touchstart", move, { passive: true });
+  plot.over.addEventListener("touchmove", move, { passive: true });
+}
+
+function bucketText(xs, fallback) {
+  return `${durationText(xs.length > 1 ? xs[1] - xs[0] : fallback)} buckets`;
+}
+
 // Draws `data` ([x seconds, ...series values]) into the chart `id`, made if missing and
-// remade only when its series change; returns the chart's figure.
-function drawChart(id, parent, title, unit, series, data, bands) {
-  const signature = JSON.stringify([title, unit, series.map((s) => s.label)]);
+// remade only when its series change; `partialSince` (seconds) marks a last bucket still
+// filling. Returns the chart's figure.
+function drawChart(id, parent, title, series, data, bands, span, partialSince) {
+  const signature = JSON.stringify([title, series.map((s) => [s.label, s.unit]), state.utc]);
   let chart = charts.get(id);
   if (chart && chart.signature !== signature) {
     removeChart(id);
@@ -474,25 +633,42 @@ function drawChart(id, parent, title, unit, series, data, bands) {
     const figure = document.createElement("figure");
     figure.className = "chart";
     const caption = document.createElement("figcaption");
-    caption.textContent = title;
+    const name = document.createElement("span");
+    name.className = "chart-title";
+    name.textContent = title;
+    const note = document.createElement("span");
+    note.className = "chart-note note";
+    caption.append(name, note);
     const body = document.createElement("div");
     body.className = "chart-body";
-    figure.append(caption, body);
+    const { legend, when, values } = makeLegend(series);
+    figure.append(caption, body, legend);
     parent.append(figure);
+    chart = { figure, body, note, when, values, series, signature, mark: null, touched: null };
     const width = Math.max(200, Math.floor(body.getBoundingClientRect().width));
-    const plot = new uPlot(chartOptions(width, series, unit, bands), data, body);
-    chart = { plot, figure, body, signature };
+    const options = chartOptions(width, series, bands, () => (chart.mark == null ? null : [chart.mark]));
+    options.hooks = { setCursor: [() => updateLegend(chart)] };
+    chart.plot = new uPlot(options, data, body);
+    followTouches(chart);
     charts.set(id, chart);
     resizer.observe(body);
-  } else {
-    chart.plot.setData(data);
   }
+  const xs = data[0];
+  chart.mark = partialSince != null && xs.length && xs[xs.length - 1] === partialSince ? xs.length - 1 : null;
+  chart.plot.setData(data);
+  updateLegend(chart);
+  const partial = chart.mark == null ? "" : `; the last (from ${formatTime(partialSince * 1000, "time")}) still filling`;
+  chart.note.textContent = xs.length ? `${bucketText(xs, span.interval)}${partial}` : "";
   // What the chart holds, for a glance in the developer tools (and the browser tests).
   const values = data.slice(1).flat();
-  chart.figure.dataset.points = String(data[0].length);
+  chart.figure.dataset.points = String(xs.length);
   chart.figure.dataset.nonzero = String(values.filter((v) => v).length);
-  chart.figure.dataset.from = String(data[0][0] ?? "");
-  chart.figure.dataset.to = String(data[0][data[0].length - 1] ?? "");
+  chart.figure.dataset.empty = String(values.filter((v) => v == null).length);
+  chart.figure.dataset.from = String(xs[0] ?? "");
+  chart.figure.dataset.to = String(xs[xs.length - 1] ?? "");
+  chart.figure.dataset.partial = chart.mark == null ? "" : String(partialSince);
+  chart.figure.dataset.last = JSON.stringify(data.slice(1).map((column) => column[column.length - 1] ?? null));
+  chart.figure.dataset.peaks = JSON.stringify(data.slice(1).map((column) => Math.max(0, ...column.filter((v) => v != null))));
   return chart.figure;
 }
 
@@ -505,20 +681,20 @@ function durationText(seconds) {
   return `${seconds} s`;
 }
 
-// The server may widen the interval asked for (its minimum, its rollups): say what came back.
-function intervalNote(dates, span) {
-  const step = dates.length > 1 ? (dates[1] - dates[0]) / 1000 : span.interval;
-  const range = $("fleet-view").querySelector(`[data-range="${state.range}"]`).textContent;
-  return `last ${range}, ${durationText(step)} buckets`;
+function rangeText() {
+  return $("fleet-view").querySelector(`[data-range="${state.range}"]`).textContent;
 }
 
-function renderActivity(activity, span) {
-  const { total, active } = activity;
-  $("range-note").textContent = intervalNote(total.dates, span);
-  drawChart("activity", $("activity-chart"), "", "", [
+function renderActivity(activity, span, filtered) {
+  const who = filtered ? `the ${state.workers.length} workers in the table` : "every worker";
+  $("range-note").textContent = `last ${rangeText()}, ${who}`;
+  const total = activity ? activity.total : { dates: [], counts: [] };
+  const active = activity ? activity.active : { dates: [], counts: [] };
+  const partialSince = activity?.partial_since === undefined ? null : activity.partial_since / 1000;
+  drawChart("activity", $("activity-chart"), "", [
     seriesOptions("reporting", PALETTE[0], "", { fill: "rgba(37, 99, 235, 0.08)" }),
-    seriesOptions("busy", PALETTE[2], "", { fill: "rgba(5, 150, 105, 0.12)" }),
-  ], [seconds(total.dates), total.counts, active.counts]);
+    seriesOptions("with a task", PALETTE[2], "", { fill: "rgba(5, 150, 105, 0.12)" }),
+  ], [seconds(total.dates), total.counts, active.counts], undefined, span, partialSince);
 }
 
 // get_stats answers per worker and metric; a chart is per metric, with a series per worker.
@@ -538,13 +714,15 @@ function metricSeries(stats, key, workerIds) {
   return { xs, charted, column: (id, aggregation) => xs.map((d) => byWorker.get(id)[aggregation]?.get(d) ?? null) };
 }
 
-function renderMetrics(workerIds, metrics) {
+function renderMetrics(workerIds, metrics, span) {
   const parent = $("metric-charts");
   const ticked = state.workers.filter((w) => state.selected.has(w.id)).length;
   const howMany = ticked > workerIds.length ? `the first ${workerIds.length} of ${ticked} ticked` : workerIds.length;
+  const what = workerIds.length === 1 ? `${workerIds[0]}: min, average and max` : `${howMany} charted: averages`;
   $("metrics-note").textContent = workerIds.length
-    ? `${howMany} charted${workerIds.length === 1 ? ": min, average and max" : ": averages"}`
+    ? `${what}; gaps where nothing was reported`
     : "none: tick workers in the table to chart them";
+  const partialSince = metrics.partialSince === undefined ? null : metrics.partialSince / 1000;
   const figures = [];
   for (const key of metrics.keys) {
     const unit = UNITS[key] || "";
@@ -555,9 +733,9 @@ function renderMetrics(workerIds, metrics) {
     if (workerIds.length === 1) {
       const id = charted[0];
       series = [
-        seriesOptions(`${id} avg`, PALETTE[0], unit),
-        seriesOptions(`${id} min`, PALETTE[0], unit, { width: 1, dash: [4, 4] }),
-        seriesOptions(`${id} max`, PALETTE[0], unit, { width: 1, dash: [4, 4] }),
+        seriesOptions("avg", PALETTE[0], unit),
+        seriesOptions("min", PALETTE[0], unit, { width: 1, dash: [4, 4] }),
+        seriesOptions("max", PALETTE[0], unit, { width: 1, dash: [4, 4] }),
       ];
       data = [seconds(xs), column(id, "avg"), column(id, "min"), column(id, "max")];
       bands = [{ series: [3, 2], fill: "rgba(37, 99, 235, 0.1)" }];
@@ -566,7 +744,7 @@ function renderMetrics(workerIds, metrics) {
       series = charted.map((id) => seriesOptions(id, PALETTE[workerIds.indexOf(id) % PALETTE.length], unit));
       data = [seconds(xs), ...charted.map((id) => column(id, "avg"))];
     }
-    figures.push(drawChart(`metric:${key}`, parent, title, unit, series, data, bands));
+    figures.push(drawChart(`metric:${key}`, parent, title, series, data, bands, span, partialSince));
   }
   const keep = new Set(figures);
   for (const [id, chart] of [...charts]) if (id.startsWith("metric:") && !keep.has(chart.figure)) removeChart(id);
@@ -595,6 +773,10 @@ function start() {
   for (const th of document.querySelectorAll("#workers th[data-sort]")) {
     th.querySelector("button").addEventListener("click", () => sortBy(th.dataset.sort));
   }
+  for (const button of document.querySelectorAll("[data-zone]")) {
+    button.addEventListener("click", () => setZone(button.dataset.zone === "utc"));
+  }
+  showZone();
   $("select-all").addEventListener("change", (event) => {
     selectWorkers(sortedWorkers().map((w) => w.id), event.target.checked);
   });
