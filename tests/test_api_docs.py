@@ -158,7 +158,7 @@ def error_codes() -> set[tuple[str, str]]:
     return {(str(code), str(subcode)) for code, subcode in codes}
 
 
-@pytest.mark.parametrize("page", ["docs/api.md"])
+@pytest.mark.parametrize("page", ["docs/api.md", "README.md"])
 def test_every_error_code_is_in_the_errors_table(page):
     listed = set(re.findall(r"^\| (\d{3}) \| (\d+) \|", (ROOT / page).read_text(), flags=re.M))
     assert listed == error_codes()
