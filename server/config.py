@@ -1,4 +1,4 @@
-"""Settings, read once from environment variables. Every default is listed in the README."""
+"""Settings, read once from environment variables. Every setting and its default is listed in docs/operations.md."""
 
 import os
 from dataclasses import dataclass, fields
