@@ -1,4 +1,4 @@
-"""Periodic work: the expiry sweep of registrations, the retention of statistics, the
+"""Periodic work: the expiry sweep of registrations and runtime properties, the retention of statistics, the
 refresh of the rollups, re-reading the companies' limits, and watching the event loop's lag.
 
 Every server process runs the sweep, retention and the limits' refresh (server/limits.py).
@@ -22,7 +22,7 @@ import asyncpg
 from .config import Settings
 from .limits import Limits
 from .metrics import Metrics
-from .storage import compaction, registrations, rollups, statistics
+from .storage import compaction, registrations, rollups, runtime_properties, statistics
 from .storage.compaction import CompactionResult
 from .storage.refresh import Refresher, RefreshResult
 from .storage.db import UNAVAILABLE_ERRORS
@@ -36,10 +36,14 @@ LAG_SAMPLE_SECONDS = 0.1
 
 
 async def sweep_expired(pool: asyncpg.Pool, metrics: Metrics | None = None) -> int:
-    """Delete expired registrations; count the live ones for the metrics."""
+    """Delete expired registrations and runtime properties; count the live registrations
+    for the metrics. Returns the registrations deleted."""
     deleted = await registrations.delete_expired(pool)
     if deleted:
         log.info("expired %d worker registrations", deleted)
+    properties = await runtime_properties.delete_expired(pool)
+    if properties:
+        log.info("expired %d runtime properties", properties)
     if metrics is not None:
         metrics.registered_workers.set(await registrations.count_live(pool))
     return deleted
