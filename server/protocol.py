@@ -59,6 +59,27 @@ def _version_tuple(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def since(version: str) -> Callable[[Endpoint], Endpoint]:
+    """Mark an endpoint as served from API `version` on (the reference server's `min_version`):
+    a call whose path asks for a lower version finds no such endpoint, 400/1."""
+
+    def mark(endpoint: Endpoint) -> Endpoint:
+        endpoint.min_version = version
+        return endpoint
+
+    return mark
+
+
+def _check_version(endpoint: Endpoint, endpoint_name: str, version: str) -> None:
+    least = getattr(endpoint, "min_version", None)
+    if least is not None and _version_tuple(version) < _version_tuple(least):
+        raise ApiError(
+            errors.ENDPOINT_NOT_SUPPORTED,
+            f"endpoint is not supported: {endpoint_name} needs API version {least} or later, "
+            f"the path asks for {version}",
+        )
+
+
 @functools.lru_cache(maxsize=64)
 def _actual_version(requested: str) -> str:
     return min(requested, API_VERSION, key=_version_tuple)
@@ -139,6 +160,7 @@ async def _answer(request: web.Request, match: re.Match | None, endpoint_name: s
         endpoint = request.app[ENDPOINTS].get(endpoint_name) if match else None
         if endpoint is None:
             raise ApiError(errors.ENDPOINT_NOT_SUPPORTED, f"endpoint is not supported: {endpoint_name}")
+        _check_version(endpoint, endpoint_name, version)
         if request.method not in METHODS:
             raise ApiError(errors.METHOD_NOT_ALLOWED, f"method {request.method} is not allowed: use GET, POST or PUT")
         try:
