@@ -86,6 +86,9 @@ class Settings:
     max_stats_worker_ids: int = 1000
     max_stats_items: int = 64
     max_stats_series_buckets: int = 200_000
+    # ... and per worker's runtime properties (per call, and kept per company, user and worker)
+    max_runtime_properties_per_call: int = 100
+    max_runtime_properties_per_worker: int = 100
     # The batching writer of status reports
     writer_connections: int = 2
     writer_batch_size: int = 500

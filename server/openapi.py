@@ -13,6 +13,7 @@ from marshmallow import Schema, fields
 
 from . import __version__, errors, limits, responses, schemas
 from .config import Settings
+from .endpoints import ENDPOINTS
 from .protocol import API_VERSION
 
 OPENAPI_VERSION = "3.1.0"
@@ -30,6 +31,14 @@ OPERATIONS = {
     "workers.get_metric_keys": (schemas.metric_keys_request, "The metric keys the workers reported"),
     "workers.get_stats": (schemas.stats_request, "Statistics of workers' metrics over time, in buckets"),
     "workers.get_activity_report": (schemas.activity_request, "Reporting and busy workers over time, in buckets"),
+    "workers.set_runtime_properties": (
+        schemas.set_runtime_properties_request,
+        "Set or remove a worker's runtime properties (API version 2.10 and later)",
+    ),
+    "workers.get_runtime_properties": (
+        schemas.get_runtime_properties_request,
+        "A worker's runtime properties (API version 2.10 and later)",
+    ),
 }
 
 SECURITY_SCHEMES = {
@@ -110,16 +119,49 @@ def _schema_name(schema) -> str:
 
 
 def _read_limits(spec: APISpec, settings: Settings) -> None:
-    """The read limits of these settings (checked by the endpoints, 400/16) as list bounds."""
+    """The request limits of these settings (checked by the endpoints, 400/16) as list bounds."""
     components = spec.components.schemas
     for schema, field, limit in (
         ("StatsRequest", "worker_ids", settings.max_stats_worker_ids),
         ("MetricKeysRequest", "worker_ids", settings.max_stats_worker_ids),
         ("ActivityRequest", "worker_ids", settings.max_stats_worker_ids),
         ("StatsRequest", "items", settings.max_stats_items),
+        ("SetRuntimePropertiesRequest", "runtime_properties", settings.max_runtime_properties_per_call),
     ):
         if limit:
             components[schema]["properties"][field]["maxItems"] = limit
+
+
+def _at_least(number: int) -> str:
+    """A regular expression of the decimal integers >= `number` (leading zeros allowed)."""
+    digits = str(number)
+    longer = f"[1-9][0-9]{{{len(digits)},}}"
+    same_length = [digits]
+    for index, digit in enumerate(digits):
+        rest = len(digits) - index - 1
+        if digit != "9":
+            same_length.append(f"{digits[:index]}[{int(digit) + 1}-9]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    return f"0*(?:{'|'.join([longer, *same_length])})"
+
+
+def _version_parameter(least: str | None) -> dict:
+    """The `{version}` path parameter: any MAJOR.MINOR, or from the endpoint's least version on."""
+    if least is None:
+        pattern, description = "^[0-9]+\\.[0-9]+$", "any API version MAJOR.MINOR; the answer reports the one served"
+    else:
+        major, minor = (int(part) for part in least.split("."))
+        pattern = f"^(?:{_at_least(major + 1)}\\.[0-9]+|0*{major}\\.{_at_least(minor)})$"
+        description = (
+            f"an API version MAJOR.MINOR, {least} or later (a lower one is answered 400/1, as an unknown "
+            "endpoint); the answer reports the one served"
+        )
+    return {
+        "name": "version",
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "pattern": pattern, "examples": [API_VERSION]},
+    }
 
 
 def _error_answers() -> dict[int, str]:
@@ -230,19 +272,12 @@ def document(settings: Settings) -> dict:
                 **({"headers": {"Retry-After": retry_after}} if status in (429, 503) else {}),
             },
         )
-    version = {
-        "name": "version",
-        "in": "path",
-        "required": True,
-        "description": "any API version MAJOR.MINOR; the answer reports the one served",
-        "schema": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+$", "examples": [API_VERSION]},
-    }
     for endpoint, (_, summary) in OPERATIONS.items():
         request = _request_name(requests[endpoint])
         for versioned in (False, True):
             spec.path(
                 path=f"/v{{version}}/{endpoint}" if versioned else f"/{endpoint}",
                 operations={method: _operation(endpoint, request, summary, method, versioned) for method in METHODS},
-                parameters=[version] if versioned else None,
+                parameters=[_version_parameter(getattr(ENDPOINTS[endpoint], "min_version", None))] if versioned else None,
             )
     return spec.to_dict()

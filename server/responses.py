@@ -135,6 +135,37 @@ class ActivityReport(Strict):
     partial_since = PartialSince
 
 
+class RuntimePropertyValue(Strict):
+    key = fields.String(required=True)
+    value = fields.String(required=True)
+    expiry = fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={"description": "seconds left before it expires (rounded up), or null: kept until changed"},
+    )
+
+
+class RuntimeProperties(Strict):
+    runtime_properties = fields.List(fields.Nested(RuntimePropertyValue), required=True)
+
+
+_STORED_KEYS = "`worker_<company id>_<user id>_<worker id>_prop_<key>`, in the order sent"
+
+
+class RuntimePropertiesChanged(Strict):
+    added = fields.List(
+        fields.String(), required=True, metadata={"description": f"the properties stored: {_STORED_KEYS}"}
+    )
+    removed = fields.List(
+        fields.String(), required=True, metadata={"description": f"the properties removed (expiry 0): {_STORED_KEYS}"}
+    )
+    errors = fields.List(
+        fields.String(),
+        required=True,
+        metadata={"description": "one per entry not stored (value missing, negative expiry), naming it and why"},
+    )
+
+
 # Each endpoint's `data` on success.
 DATA = {
     "auth.login": Token,
@@ -146,4 +177,6 @@ DATA = {
     "workers.get_metric_keys": MetricKeys,
     "workers.get_stats": Stats,
     "workers.get_activity_report": ActivityReport,
+    "workers.set_runtime_properties": RuntimePropertiesChanged,
+    "workers.get_runtime_properties": RuntimeProperties,
 }

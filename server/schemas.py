@@ -15,6 +15,7 @@ from . import errors
 from .errors import ApiError
 
 MAX_ID_LENGTH = 512
+MAX_PROPERTY_VALUE_LENGTH = 4096  # a runtime property's value
 MILLISECONDS_THRESHOLD = 10**11  # a timestamp above this is in milliseconds
 MAX_CLOCK_AHEAD_SECONDS = 24 * 3600
 MAX_INT32 = 2**31 - 1  # integers are stored as PostgreSQL integer
@@ -23,12 +24,12 @@ REQUIRED_MESSAGE = "Missing data for required field."
 
 
 class Text(fields.String):
-    """A string of at most 512 characters without NUL (which PostgreSQL cannot store)."""
+    """A string of at most 512 (or `max_length`) characters without NUL (which PostgreSQL cannot store)."""
 
     default_error_messages = {"nul": "Must not contain a NUL character."}
 
-    def __init__(self, *, min_length: int = 0, **kwargs):
-        super().__init__(validate=validate.Length(min=min_length, max=MAX_ID_LENGTH), **kwargs)
+    def __init__(self, *, min_length: int = 0, max_length: int = MAX_ID_LENGTH, **kwargs):
+        super().__init__(validate=validate.Length(min=min_length, max=max_length), **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
@@ -297,11 +298,35 @@ class ActivityRequest(TimeRangeRequest):
     worker_ids = TextList(metadata={"description": "extension: count only these workers (default: every worker)"})
 
 
+class RuntimeProperty(RequestSchema):
+    key = Text(required=True, min_length=1)
+    value = Text(
+        max_length=MAX_PROPERTY_VALUE_LENGTH,
+        metadata={"description": "the property's value; needed unless `expiry` is 0 (else an entry of `errors`)"},
+    )
+    expiry = Integer(
+        metadata={
+            "description": "seconds until the property expires; absent or null: kept until changed; 0: the "
+            "property is removed; negative: not stored (an entry of `errors`)"
+        }
+    )
+
+
+class SetRuntimePropertiesRequest(RequestSchema):
+    worker = Text(required=True, min_length=1)
+    runtime_properties = fields.List(fields.Nested(RuntimeProperty), required=True)
+
+
+class GetRuntimePropertiesRequest(RequestSchema):
+    worker = Text(required=True, min_length=1)
+
+
 def _flatten(messages, prefix: str = ""):
-    """Yield (field path, message) from marshmallow's nested error dict."""
+    """Yield (field path, message) from marshmallow's nested error dict (an error of a whole
+    nested object, marshmallow's `_schema`, is named by the object's path)."""
     if isinstance(messages, dict):
         for key, value in messages.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
+            path = prefix if key == "_schema" and prefix else f"{prefix}.{key}" if prefix else str(key)
             yield from _flatten(value, path)
     elif isinstance(messages, list):
         for message in messages:
@@ -330,3 +355,5 @@ worker_filter_request = WorkerFilterRequest()
 metric_keys_request = MetricKeysRequest()
 activity_request = ActivityRequest()
 stats_request = StatsRequest()
+set_runtime_properties_request = SetRuntimePropertiesRequest()
+get_runtime_properties_request = GetRuntimePropertiesRequest()

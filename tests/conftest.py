@@ -24,7 +24,7 @@ from server.storage import credentials, db, tenants
 
 TIMESCALEDB_IMAGE = "timescale/timescaledb:2.19.3-pg17"
 TABLES = (
-    "worker_registrations, worker_metric_keys, credentials, users, companies, rollup_invalidations, "
+    "worker_registrations, worker_metric_keys, worker_runtime_properties, credentials, users, companies, rollup_invalidations, "
     "stat_workers, stat_metrics, report_layouts, recent_reports, late_reports, report_blocks, "
     "rollup_1m, rollup_10m, rollup_1h"
 )

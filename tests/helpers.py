@@ -18,7 +18,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The eight endpoints of SPEC §2.
+# The workers.* endpoints: the eight of the original API, and the runtime properties.
 WORKER_ENDPOINTS = [
     "workers.register",
     "workers.unregister",
@@ -28,6 +28,8 @@ WORKER_ENDPOINTS = [
     "workers.get_metric_keys",
     "workers.get_stats",
     "workers.get_activity_report",
+    "workers.set_runtime_properties",
+    "workers.get_runtime_properties",
 ]
 
 
@@ -78,7 +80,7 @@ async def table_snapshot(conn) -> dict:
     meanwhile, and the order of equal keys is not kept."""
     return {
         table: [tuple(row) for row in await conn.fetch(f"SELECT * FROM {table} AS t ORDER BY t")]
-        for table in ("worker_registrations", "worker_stats", "worker_metric_keys")
+        for table in ("worker_registrations", "worker_stats", "worker_metric_keys", "worker_runtime_properties")
     }
 
 

@@ -1,5 +1,5 @@
 """Every endpoint the server answers, by name."""
 
-from . import login, workers
+from . import login, runtime_properties, workers
 
-ENDPOINTS = {**login.ENDPOINTS, **workers.ENDPOINTS}
+ENDPOINTS = {**login.ENDPOINTS, **workers.ENDPOINTS, **runtime_properties.ENDPOINTS}
