@@ -13,7 +13,7 @@ from server import errors
 
 API_DOC = ROOT / "docs" / "api.md"
 # Request fields that are times: in seconds (the answers' dates are in milliseconds).
-TIME_FIELDS = {"from_date", "to_date", "interval", "timeout", "last_seen", "expiration_sec", "timestamp"}
+TIME_FIELDS = {"from_date", "to_date", "interval", "timeout", "last_seen", "expiration_sec", "timestamp", "expiry"}
 
 
 @pytest.fixture

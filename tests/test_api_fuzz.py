@@ -21,7 +21,7 @@ from schemathesis.specs.openapi import checks as openapi_checks
 from server import auth, openapi
 from server.config import Settings
 
-EXAMPLES_PER_OPERATION = 12  # 54 operations (9 endpoints x 2 paths x 3 methods): sized for CI
+EXAMPLES_PER_OPERATION = 12  # 66 operations (11 endpoints x 2 paths x 3 methods): sized for CI
 # The same examples every run (CI stays reproducible); WORKERS_FUZZ_RANDOM=1 explores anew.
 DETERMINISTIC = os.environ.get("WORKERS_FUZZ_RANDOM", "") != "1"
 QUIET_BACKGROUND = {"WORKERS_EXPIRY_SWEEP_SECONDS": "86400", "WORKERS_RETENTION_SWEEP_SECONDS": "86400"}

@@ -332,6 +332,8 @@ async def test_every_role_may_call_every_workers_endpoint(beside, role):
         "workers.get_stats": {"from_date": now - 600, "to_date": now, "interval": 60, "items": [{"key": "cpu_usage"}]},
         "workers.get_activity_report": {"from_date": now - 600, "to_date": now, "interval": 60},
         "workers.unregister": {"worker": "w1"},
+        "workers.set_runtime_properties": {"worker": "w1", "runtime_properties": [{"key": "force", "value": "on"}]},
+        "workers.get_runtime_properties": {"worker": "w1"},
     }
     for endpoint in WORKER_ENDPOINTS:
         await ok(beside, endpoint, bodies.get(endpoint, {}), headers=bearer(token))

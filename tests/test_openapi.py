@@ -1,6 +1,7 @@
 """The API description: generated from the schemas, valid OpenAPI, served without
 credentials, printed by the command line, and covering every endpoint, path form and method."""
 
+import re
 import subprocess
 import sys
 
@@ -92,3 +93,19 @@ def test_the_limits_of_the_settings_are_in_the_document():
     assert {"type": "array", "maxItems": 20}.items() <= stats["additionalProperties"]["anyOf"][1].items()
     assert schemas["StatsRequest"]["properties"]["items"]["maxItems"] == 3
     assert "maxItems" not in schemas["StatsRequest"]["properties"]["worker_ids"]  # 0: no limit
+
+
+def test_the_runtime_properties_take_versions_from_2_10_on(document):
+    """The version parameter of an endpoint with a least version allows exactly the versions served."""
+    for endpoint in ("workers.set_runtime_properties", "workers.get_runtime_properties"):
+        [parameter] = document["paths"][f"/v{{version}}/{endpoint}"]["parameters"]
+        pattern = re.compile(parameter["schema"]["pattern"])
+        assert "2.10" in parameter["description"]
+        for version in ("2.10", "2.010", "02.11", "2.30", "2.100", "3.0", "10.0", "999.0"):
+            assert pattern.match(version), (endpoint, version)
+        for version in ("2.9", "2.09", "2.1", "1.99", "0.0", "1.100", "2.", "2", "v2.10"):
+            assert not pattern.match(version), (endpoint, version)
+    [parameter] = document["paths"]["/v{version}/workers.get_all"]["parameters"]
+    assert parameter["schema"]["pattern"] == "^[0-9]+\\.[0-9]+$"
+    properties = document["components"]["schemas"]["SetRuntimePropertiesRequest"]["properties"]
+    assert properties["runtime_properties"]["maxItems"] == Settings().max_runtime_properties_per_call
