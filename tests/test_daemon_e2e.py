@@ -1,5 +1,6 @@
 """The real `clearml-agent daemon --queue default` (3.0.3), beside a ClearML server, through
-the shipped routing proxy.
+the shipped routing proxy; and the same daemon with `--dynamic-gpus` and with
+`--services-mode`, which keep runtime properties here.
 
 A real nginx, run by the test (as its user, no service) with a configuration generated from
 `deploy/nginx/clearml-workers.conf` (only its listen port and its two upstream addresses
@@ -133,11 +134,12 @@ async def proxy(tmp_path, apiserver, workers):
 
 @pytest.fixture
 async def start_daemon(tmp_path, apiserver):
-    """`start_daemon(api_host)`: the real daemon, in the foreground of its own process group,
-    configured by environment only, with a HOME, config and TMPDIR of its own."""
+    """`start_daemon(api_host, *arguments)`: the real daemon (`daemon --queue default` unless
+    other arguments are given), in the foreground of its own process group, configured by
+    environment only, with a HOME, config and TMPDIR of its own."""
     processes = []
 
-    def start(api_host: str) -> tuple[subprocess.Popen, Path]:
+    def start(api_host: str, *arguments: str) -> tuple[subprocess.Popen, Path]:
         home = tmp_path / "agent"
         (home / "tmp").mkdir(parents=True)
         (home / "clearml.conf").write_text(AGENT_CONFIG)
@@ -152,7 +154,7 @@ async def start_daemon(tmp_path, apiserver):
         log = home / "daemon.log"
         agent = Path(sys.executable).with_name("clearml-agent")
         process = subprocess.Popen(
-            [str(agent), "daemon", "--queue", "default", "--foreground"], cwd=home, env=env,
+            [str(agent), "daemon", *(arguments or ("--queue", "default")), "--foreground"], cwd=home, env=env,
             stdin=subprocess.DEVNULL, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         processes.append(process)
@@ -191,10 +193,8 @@ async def test_the_proxy_compresses_large_answers_for_clients_that_accept_them(a
     assert small_encoding is None  # under gzip_min_length
 
 
-async def test_daemon_through_the_proxy(apiserver, workers, proxy, start_daemon, db_conn, tmp_path):
-    token = apiserver.token()  # what the web UI holds after logging in at the apiserver
-    daemon, log = start_daemon(proxy)
-
+async def reports_arrive(db_conn, log: Path) -> list:
+    """The daemon's first REPORTS status reports with statistics, once stored."""
     async def reports():
         rows = await db_conn.fetch(
             "SELECT extract(epoch FROM time)::float8 AS time, metrics FROM worker_stats "
@@ -202,8 +202,46 @@ async def test_daemon_through_the_proxy(apiserver, workers, proxy, start_daemon,
         )
         return rows if len(rows) >= REPORTS else None
 
+    return await eventually(reports, f"{REPORTS} status reports", timeout=60, log=log)
+
+
+async def listed_worker(session: aiohttp.ClientSession, proxy: str, token: str, apiserver: ApiServer) -> dict:
+    """The daemon as the dashboards see it through the proxy: its queue, company, user and address."""
+    [listed] = (await call(session, f"{proxy}/v2.31/workers.get_all", token, {"last_seen": 0}))["workers"]
+    assert listed["id"] == WORKER
+    assert [queue["id"] for queue in listed["queues"]] == [apiserver.queue["id"]], listed
+    assert listed["company"]["id"] == apiserver.company and listed["user"]["id"] == apiserver.user
+    assert listed["ip"] == "127.0.0.1"
+    return listed
+
+
+async def terminate_and_see_it_unregister(daemon, session, proxy: str, token: str, log: Path) -> None:
+    """SIGTERM: the daemon unregisters and leaves get_all."""
+    daemon.send_signal(signal.SIGTERM)
+
+    async def exited():
+        return daemon.poll() is not None
+
+    await eventually(exited, "the daemon to exit", timeout=30, log=log)
+
+    async def gone():
+        return (await call(session, f"{proxy}/workers.get_all", token, {"last_seen": 0}))["workers"] == []
+
+    await eventually(gone, "the worker to leave get_all", timeout=5, log=log)
+
+
+def routed(tmp_path: Path) -> list[tuple[str, str, str, str]]:
+    """nginx's log of the calls: (method, endpoint, status, upstream address)."""
+    lines = (tmp_path / "nginx" / "access.log").read_text().splitlines()
+    return [(method, path.rsplit("/", 1)[-1], status, upstream) for method, path, status, upstream in map(str.split, lines)]
+
+
+async def test_daemon_through_the_proxy(apiserver, workers, proxy, start_daemon, db_conn, tmp_path):
+    token = apiserver.token()  # what the web UI holds after logging in at the apiserver
+    daemon, log = start_daemon(proxy)
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        rows = await eventually(reports, f"{REPORTS} status reports", timeout=60, log=log)
+        rows = await reports_arrive(db_conn, log)
         assert daemon.poll() is None, log.read_text()
 
         # This machine's figures, every REPORT_SECONDS.
@@ -222,11 +260,7 @@ async def test_daemon_through_the_proxy(apiserver, workers, proxy, start_daemon,
         assert not any(endpoint.startswith("workers.") for endpoint in endpoints), apiserver.calls
 
         # The dashboards see it with its queue, through the proxy, with the apiserver's token.
-        [listed] = (await call(session, f"{proxy}/v2.31/workers.get_all", token, {"last_seen": 0}))["workers"]
-        assert listed["id"] == WORKER
-        assert [queue["id"] for queue in listed["queues"]] == [apiserver.queue["id"]], listed
-        assert listed["company"]["id"] == apiserver.company and listed["user"]["id"] == apiserver.user
-        assert listed["ip"] == "127.0.0.1"
+        await listed_worker(session, proxy, token, apiserver)
 
         first, last = int(rows[0]["time"]), int(rows[-1]["time"])
         chart = await call(session, f"{proxy}/workers.get_stats", token, {
@@ -241,27 +275,94 @@ async def test_daemon_through_the_proxy(apiserver, workers, proxy, start_daemon,
             values = json.loads(row["metrics"])["cpu_usage"].values()
             assert charted[second * 1000] == pytest.approx(sum(values) / len(values))  # dates in ms
 
-        # SIGTERM: the daemon unregisters and leaves get_all.
-        daemon.send_signal(signal.SIGTERM)
+        await terminate_and_see_it_unregister(daemon, session, proxy, token, log)
 
-        async def exited():
-            return daemon.poll() is not None
-
-        await eventually(exited, "the daemon to exit", timeout=30, log=log)
-
-        async def gone():
-            return (await call(session, f"{proxy}/workers.get_all", token, {"last_seen": 0}))["workers"] == []
-
-        await eventually(gone, "the worker to leave get_all", timeout=5, log=log)
-
-    # nginx's log: every workers.* call went to this service, everything else to the apiserver
-    # (workers.get_runtime_properties too: this service answers it 400/1, and the agent then
-    # treats runtime properties as unsupported by the server, as with an older apiserver).
-    routed = [line.split() for line in (tmp_path / "nginx" / "access.log").read_text().splitlines()]
-    upstreams = {"workers": f"127.0.0.1:{workers.server.port}", "apiserver": f"127.0.0.1:{apiserver.server.port}"}
-    for _, path, _, upstream in routed:
-        endpoint = path.rsplit("/", 1)[-1]
-        assert upstream == upstreams["workers" if endpoint.startswith("workers.") else "apiserver"], (path, upstream)
-    daemon_calls = {(method, path.rsplit("/", 1)[-1]) for method, path, _, _ in routed}
+    # nginx's log: every workers.* call went to this service, everything else to the apiserver.
+    calls = routed(tmp_path)
+    check_routing(calls, apiserver, workers)
+    daemon_calls = {(method, endpoint) for method, endpoint, _, _ in calls}
     assert {("GET", "workers.register"), ("GET", "workers.status_report"), ("GET", "workers.unregister")} <= \
-        daemon_calls, routed
+        daemon_calls, calls
+    # The daemon reads its runtime properties (none: no `force` on or off) before it polls its queue.
+    assert {status for _, endpoint, status, _ in calls if endpoint == "workers.get_runtime_properties"} == {"200"}
+
+
+def check_routing(calls: list[tuple[str, str, str, str]], apiserver: ApiServer, workers) -> None:
+    """Every workers.* call went to this service, everything else to the apiserver."""
+    upstreams = {"workers": f"127.0.0.1:{workers.server.port}", "apiserver": f"127.0.0.1:{apiserver.server.port}"}
+    for _, endpoint, _, upstream in calls:
+        assert upstream == upstreams["workers" if endpoint.startswith("workers.") else "apiserver"], (endpoint, upstream)
+
+
+def runtime_property_calls(calls: list[tuple[str, str, str, str]]) -> dict[str, set[str]]:
+    """The statuses this service answered the daemon's runtime property calls with, by endpoint."""
+    answered: dict[str, set[str]] = {}
+    for _, endpoint, status, _ in calls:
+        if "runtime_properties" in endpoint:
+            answered.setdefault(endpoint, set()).add(status)
+    return answered
+
+
+async def test_dynamic_gpus_daemon_keeps_its_gpus_in_runtime_properties(
+    apiserver, workers, proxy, start_daemon, db_conn, tmp_path
+):
+    """`--dynamic-gpus --gpus 0,1 --queue default=1`: the daemon sets `available_gpus` before
+    it registers (without the endpoint it exits: "Dynamic GPU allocation is not supported by
+    your ClearML-server"), registers, reports and polls, reading its properties back; this
+    machine has no GPU, and the agent needs none to start (it then reports no GPU metrics)."""
+    token = apiserver.token()
+    daemon, log = start_daemon(proxy, "--dynamic-gpus", "--gpus", "0,1", "--queue", "default=1")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        await reports_arrive(db_conn, log)
+        assert daemon.poll() is None, log.read_text()
+        await listed_worker(session, proxy, token, apiserver)
+
+        # Its properties, as its user reads them (the web UI's token of the same company and user).
+        properties = await call(session, f"{proxy}/workers.get_runtime_properties", token, {"worker": WORKER})
+        [gpus] = properties["runtime_properties"]
+        assert gpus["key"] == "available_gpus" and gpus["expiry"] is None, gpus
+        assert sorted(entry.split("_")[0] for entry in gpus["value"].split(",")) == ["0", "1"], gpus
+
+        # Another company's token sees none of them.
+        stranger = ApiServer(TOKEN_SECRET, access_key="OTHER", secret_key="other-secret").token()
+        assert await call(session, f"{proxy}/workers.get_runtime_properties", stranger, {"worker": WORKER}) == {
+            "runtime_properties": []
+        }
+
+        await terminate_and_see_it_unregister(daemon, session, proxy, token, log)
+
+    assert "not supported" not in log.read_text()
+    calls = routed(tmp_path)
+    check_routing(calls, apiserver, workers)
+    assert runtime_property_calls(calls) == {
+        "workers.set_runtime_properties": {"200"}, "workers.get_runtime_properties": {"200"},
+    }, calls
+    # Set before it registered, and again when its polling loop started.
+    endpoints = [endpoint for _, endpoint, _, _ in calls]
+    assert endpoints.index("workers.set_runtime_properties") < endpoints.index("workers.register"), endpoints
+    assert endpoints.count("workers.set_runtime_properties") >= 2, endpoints
+
+
+async def test_services_mode_daemon_keeps_its_instance_limit(apiserver, workers, proxy, start_daemon, db_conn, tmp_path):
+    """`--services-mode 2`: the daemon stores its limit of 2 instances as `max_num_instances`
+    (without the endpoint it warns "Maximum number of service instance not supported, removing
+    limit"), registers, reports, and unregisters on SIGTERM."""
+    token = apiserver.token()
+    daemon, log = start_daemon(proxy, "--services-mode", "2", "--queue", "default")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        await reports_arrive(db_conn, log)
+        assert daemon.poll() is None, log.read_text()
+        await listed_worker(session, proxy, token, apiserver)
+        properties = await call(session, f"{proxy}/workers.get_runtime_properties", token, {"worker": WORKER})
+        assert properties == {"runtime_properties": [{"key": "max_num_instances", "value": "2", "expiry": None}]}
+        await terminate_and_see_it_unregister(daemon, session, proxy, token, log)
+
+    text = log.read_text()
+    assert "running in services mode" in text and "not supported" not in text, text[-3000:]
+    calls = routed(tmp_path)
+    check_routing(calls, apiserver, workers)
+    assert runtime_property_calls(calls) == {
+        "workers.set_runtime_properties": {"200"}, "workers.get_runtime_properties": {"200"},
+    }, calls
