@@ -159,7 +159,9 @@ async def test_body_over_the_limit_gives_413(make_client, db_conn):
     code, subcode, message, data = await call(client, "workers.register", body)
     assert (code, subcode, data) == (413, 0, {})
     assert str(SMALL_BODY_LIMIT) in message
-    assert await table_snapshot(db_conn) == {"worker_registrations": [], "worker_stats": [], "worker_metric_keys": []}
+    assert await table_snapshot(db_conn) == {
+        "worker_registrations": [], "worker_stats": [], "worker_metric_keys": [], "worker_runtime_properties": []
+    }
 
 
 async def test_body_under_the_limit_is_accepted(make_client):
