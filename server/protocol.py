@@ -122,12 +122,28 @@ def decode_body(raw: bytes) -> dict:
     return body
 
 
+def _payload_problem(error: web.RequestPayloadError) -> str:
+    """What aiohttp found wrong with a body, on one line ("Can not decode content-encoding: gzip")."""
+    text = getattr(error.__cause__, "message", "") or str(error)
+    return " ".join(text.split())
+
+
+def _give_up_the_body(request: web.Request) -> None:
+    """After a body that could not be decoded: aiohttp's parser has stopped on it, so the
+    connection takes no further request and `dispatch` closes it after the answer. Its end is
+    marked here, else aiohttp would read on to the body's end after the answer, meet the
+    same error and log it as an unhandled exception, with its traceback, at ERROR."""
+    request.content.feed_eof()
+
+
 async def dispatch(request: web.Request) -> web.Response:
     started = time.perf_counter()
     match = _PATH.fullmatch(request.path)
     endpoint_name = match["endpoint"] if match else request.path.lstrip("/")
     version = (match and match["version"]) or API_VERSION
     response = await _answer(request, match, endpoint_name, version)
+    if request.content.exception() is not None:  # a body it could not read: see _give_up_the_body
+        response.force_close()
     observer = request.app[REQUEST_OBSERVER]
     if observer is not None:
         observer.observe(endpoint_name, response.status, started)
@@ -147,7 +163,10 @@ async def _answer(request: web.Request, match: re.Match | None, endpoint_name: s
             limit = request.app[SETTINGS].max_body_bytes
             raise ApiError(errors.BODY_TOO_LARGE, f"request body is larger than {limit} bytes") from None
         except web.RequestPayloadError as error:  # e.g. a Content-Encoding it is not in
-            raise ApiError(errors.VALIDATION_ERROR, f"Validation error: unreadable request body: {error}") from None
+            _give_up_the_body(request)
+            problem = _payload_problem(error)
+            log.info("unreadable request body of %s from %s: %s", endpoint_name, request.remote, problem)
+            raise ApiError(errors.VALIDATION_ERROR, f"Validation error: unreadable request body: {problem}") from None
         identity = await auth.identify(request)
         data = await endpoint(Call(endpoint_name, decode_body(raw), identity, request))
         return envelope(endpoint_name, version, data)
