@@ -336,6 +336,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prepare_refresher(niceness: int) -> None:
+    """In the refresher process before it runs Python: its niceness, and Ctrl-C ignored from
+    the start (a terminal sends SIGINT to the whole group and `serve` stops the refresher
+    itself; one that arrived while it still imported its modules would print a traceback)."""
+    os.nice(niceness)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {
@@ -349,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     # busy taking reports (reads stay exact meanwhile: see storage/charts.py).
     refresher = subprocess.Popen(
         [sys.executable, "-m", "server", "rollups", "refresh", "--every", str(settings.rollup_refresh_seconds)],
-        preexec_fn=lambda: os.nice(settings.rollup_refresh_nice),
+        preexec_fn=lambda: _prepare_refresher(settings.rollup_refresh_nice),
     )
     try:
         serving.serve(lambda: create_app(settings), settings)
