@@ -72,9 +72,15 @@ def envelope(
     message: str = "OK",
     error_stack: str | None = None,
     retry_after: int | None = None,
+    allow: frozenset[str] = frozenset(),
 ) -> web.Response:
     if retry_after is None and code[0] == 503:
         retry_after = _RETRY_LATER_SECONDS
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if allow:
+        headers["Allow"] = ", ".join(sorted(allow))
     call_id = uuid.uuid4().hex
     meta = {
         "id": call_id,
@@ -94,7 +100,7 @@ def envelope(
         body=orjson.dumps({"meta": meta, "data": data}),
         status=code[0],
         content_type="application/json",
-        headers={"Retry-After": str(retry_after)} if retry_after is not None else None,
+        headers=headers or None,
     )
 
 
@@ -120,6 +126,19 @@ def decode_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise ApiError(errors.VALIDATION_ERROR, "Validation error: the request body must be a JSON object")
     return body
+
+
+async def _methods_of_other_routes(request: web.Request) -> frozenset[str]:
+    """The methods that the routes beside the API (/healthz, the page, ...) take at this
+    path, for a request that came to the API's catch-all route with another method (none
+    when no such route has this path). The router passes over a route whose path matches but
+    not its method; only the catch-all route resolves."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        match, methods = await resource.resolve(request)
+        if match is None:
+            allowed |= methods
+    return frozenset(allowed)
 
 
 def _payload_problem(error: web.RequestPayloadError) -> str:
@@ -154,9 +173,17 @@ async def _answer(request: web.Request, match: re.Match | None, endpoint_name: s
     try:
         endpoint = request.app[ENDPOINTS].get(endpoint_name) if match else None
         if endpoint is None:
+            if allowed := await _methods_of_other_routes(request):
+                raise ApiError(
+                    errors.METHOD_NOT_ALLOWED,
+                    f"method {request.method} is not allowed on {request.path}: use {' or '.join(sorted(allowed))}",
+                    allow=allowed,
+                )
             raise ApiError(errors.ENDPOINT_NOT_SUPPORTED, f"endpoint is not supported: {endpoint_name}")
         if request.method not in METHODS:
-            raise ApiError(errors.METHOD_NOT_ALLOWED, f"method {request.method} is not allowed: use GET, POST or PUT")
+            raise ApiError(
+                errors.METHOD_NOT_ALLOWED, f"method {request.method} is not allowed: use GET, POST or PUT", allow=METHODS
+            )
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -172,7 +199,7 @@ async def _answer(request: web.Request, match: re.Match | None, endpoint_name: s
         return envelope(endpoint_name, version, data)
     except ApiError as error:
         code = (error.result_code, error.result_subcode)
-        return envelope(endpoint_name, version, {}, code, error.message, retry_after=error.retry_after)
+        return envelope(endpoint_name, version, {}, code, error.message, retry_after=error.retry_after, allow=error.allow)
     except asyncpg.ForeignKeyViolationError:
         # Only a valid token for a company deleted since (or from a recreated database with
         # the same WORKERS_AUTH_SECRET) can name a company that does not exist.

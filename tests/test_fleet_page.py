@@ -345,7 +345,7 @@ def test_page_and_its_files_are_served_with_security_headers(fleet, path, conten
 
 def test_the_api_keeps_every_other_path(fleet):
     status, headers, body = fetch(fleet.url, method="POST", body=b"")  # the page is GET / only
-    assert status == 400 and orjson.loads(body)["meta"]["result_subcode"] == 1
+    assert status == 405 and orjson.loads(body)["meta"]["result_subcode"] == 0 and headers["Allow"] == "GET, HEAD"
     status, headers, body = fetch(fleet.url + "workers.get_count")
     assert status == 401 and orjson.loads(body)["meta"]["result_subcode"] == 20
     assert fetch(fleet.url + "static/nothing.js")[0] == 404
