@@ -12,6 +12,9 @@ import asyncio
 import fnmatch
 import json
 import re
+import struct
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -740,3 +743,19 @@ def test_no_content_security_policy_violation_nor_script_error(browser, fleet):
     assert browser.execute_script("return window.ran") is None
     wait(browser, lambda: any("Content Security Policy" in entry["message"] for entry in console(browser)),
          "the violation in the log")
+
+
+def test_the_screenshot_script_takes_the_page(fleet, tmp_path):
+    """scripts/screenshot-fleet-page.py, as docs/fleet-page.md documents it, on this fleet."""
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"access_key {fleet.caller.access_key}\nsecret_key {fleet.caller.secret}\n")
+    output = tmp_path / "fleet-page.png"
+    taken = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "screenshot-fleet-page.py"),
+         "--url", fleet.url, "--credentials", str(credentials), "--output", str(output)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert taken.returncode == 0, taken.stderr
+    png = output.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert struct.unpack(">II", png[16:24])[0] == 1280  # the IHDR's width
