@@ -112,7 +112,10 @@ async def create_role(settings: Settings, args) -> int:
                 await grafana_roles.create(conn, args.role, company["id"], verifier)
                 done = "created"
         except asyncpg.InsufficientPrivilegeError as error:
-            return _fail(f"this role may not create or change roles ({error}): use a role with CREATEROLE")
+            return _fail(
+                f"this role may not create {args.role} or make it a member of {grafana_roles.READERS_GROUP} "
+                f"({error}): use a superuser, or a role with CREATEROLE (and ADMIN on that group from PostgreSQL 16)"
+            )
     finally:
         await conn.close()
     print(f"{args.role}: {done}, reads {company['name']} ({company['id']}) alone")

@@ -12,9 +12,11 @@ TENANT_VIEWS_OWNER = "workers_tenant_views"  # migration 010: reads the hypertab
 
 _SET_UP = "SELECT grafana_access_setup()"
 
-# The role's attributes, when it exists: whether migration 010's policies restrict it.
+# The role's attributes, when it exists: whether migration 010's policies restrict it
+# (`reader` is NULL where the group role is missing).
 _ROLE = """
-SELECT rolsuper OR rolbypassrls AS unrestricted, pg_has_role(oid, $2, 'MEMBER') AS reader
+SELECT rolsuper OR rolbypassrls AS unrestricted,
+       pg_has_role(oid, (SELECT oid FROM pg_roles WHERE rolname = $2), 'MEMBER') AS reader
 FROM pg_roles WHERE rolname = $1
 """
 
