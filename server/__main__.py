@@ -10,6 +10,9 @@
     python -m server companies list
     python -m server companies set COMPANY [--workers N] [--metric-keys N] [--reports-per-second R] [--burst B]
     python -m server companies unset COMPANY [--workers] [--metric-keys] [--reports-per-second] [--burst]
+    python -m server grafana-role create --company COMPANY --role NAME [--password-env VAR]
+    python -m server grafana-role drop --role NAME
+    python -m server grafana-role list
     python -m server demo-fleet [--workers N] [--period S] [--url URL] [--credentials FILE]
     python -m server import FILE
     python -m server openapi
@@ -28,7 +31,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
-from . import auth, background, demo, importer, openapi, serving
+from . import auth, background, demo, grafana, importer, openapi, serving
 from .app import create_app
 from .config import Settings
 from .limits import company_limits
@@ -328,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     for flag in ("--workers", "--metric-keys", "--reports-per-second", "--burst"):
         unset_limits.add_argument(flag, action="store_true")
     unset_limits.set_defaults(action=unset_company_limits)
+    grafana.add_command(commands)
     demo.add_command(commands)
     importer.add_command(commands)
     commands.add_parser(
