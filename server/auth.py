@@ -18,14 +18,14 @@ import math
 import secrets
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jwt
 from aiohttp import web
 
 from . import errors
 from .errors import ApiError
-from .keys import POOL, SETTINGS, SIGNING_KEY
+from .keys import IDENTITY, POOL, SETTINGS, SIGNING_KEY
 from .storage import credentials, tenants
 
 TOKEN_ALGORITHM = "HS256"
@@ -41,6 +41,9 @@ class Identity:
     role: str = "user"
     company_name: str = ""
     user_name: str = ""
+    # The token itself when the apiserver issued it: calls made to the apiserver on the
+    # caller's behalf carry it (server/apiserver.py). Empty for our own keys and tokens.
+    apiserver_token: str = field(default="", repr=False)
 
 
 # Secrets
@@ -147,6 +150,7 @@ def _decode_apiserver_token(token: str, secret: str) -> tuple[Identity, float]:
         role=identity["role"],
         company_name=str(identity.get("company_name") or identity["company"]),
         user_name=str(identity.get("user_name") or identity["user"]),
+        apiserver_token=token,
     ), claims.get("exp", math.inf)
 
 
@@ -281,6 +285,13 @@ _DUMMY_HASH = hash_secret(new_secret())
 
 
 async def identify(request: web.Request) -> Identity:
+    """The caller, also left on the request as `IDENTITY` (for the access log)."""
+    identity = await _identity(request)
+    request[IDENTITY] = identity
+    return identity
+
+
+async def _identity(request: web.Request) -> Identity:
     header = request.headers.get("Authorization", "").strip()
     if not header:
         # The web UI sends the apiserver's session cookie instead; a header takes precedence.

@@ -102,9 +102,11 @@ async def apiserver(aiohttp_server):
 
 
 @pytest.fixture
-async def workers(make_client):
-    """This service, accepting the apiserver's tokens, behind a proxy."""
-    return await make_client(apiserver_token_secret=TOKEN_SECRET, trust_proxy_headers=True)
+async def workers(make_client, apiserver):
+    """This service, accepting the apiserver's tokens, behind a proxy, asking the apiserver
+    directly (as inside the deployment) for the names get_all shows."""
+    return await make_client(apiserver_token_secret=TOKEN_SECRET, trust_proxy_headers=True,
+                             apiserver_url=f"http://127.0.0.1:{apiserver.server.port}")
 
 
 @pytest.fixture
@@ -206,10 +208,11 @@ async def reports_arrive(db_conn, log: Path) -> list:
 
 
 async def listed_worker(session: aiohttp.ClientSession, proxy: str, token: str, apiserver: ApiServer) -> dict:
-    """The daemon as the dashboards see it through the proxy: its queue, company, user and address."""
+    """The daemon as the dashboards see it through the proxy: its queue (named by the
+    apiserver), company, user and address."""
     [listed] = (await call(session, f"{proxy}/v2.31/workers.get_all", token, {"last_seen": 0}))["workers"]
     assert listed["id"] == WORKER
-    assert [queue["id"] for queue in listed["queues"]] == [apiserver.queue["id"]], listed
+    assert listed["queues"] == [{"id": apiserver.queue["id"], "name": "default", "num_tasks": 0}], listed
     assert listed["company"]["id"] == apiserver.company and listed["user"]["id"] == apiserver.user
     assert listed["ip"] == "127.0.0.1"
     return listed
@@ -259,8 +262,10 @@ async def test_daemon_through_the_proxy(apiserver, workers, proxy, start_daemon,
         assert {"auth.login", "queues.get_all", "queues.get_next_task"} <= endpoints, apiserver.calls
         assert not any(endpoint.startswith("workers.") for endpoint in endpoints), apiserver.calls
 
-        # The dashboards see it with its queue, through the proxy, with the apiserver's token.
+        # The dashboards see it with its queue, named by the apiserver, through the proxy, with
+        # the apiserver's token (which this service sent the apiserver for the names).
         await listed_worker(session, proxy, token, apiserver)
+        assert [(endpoint, sent) for endpoint, sent, _ in apiserver.lookups] == [("queues.get_all_ex", token)]
 
         first, last = int(rows[0]["time"]), int(rows[-1]["time"])
         chart = await call(session, f"{proxy}/workers.get_stats", token, {
