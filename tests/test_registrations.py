@@ -1,6 +1,7 @@
 """Registrations: register, unregister, status_report's updates, expiry, filters, tenancy."""
 
 import asyncio
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -159,13 +160,17 @@ async def test_expiry_sweep_deletes_expired_registrations(make_client, db_conn):
 
 
 async def test_status_report_extends_the_registration(make_client):
+    # Margins of a second or more each way: a loaded machine delays the calls themselves.
     client = await make_client(expiry_sweep_seconds=3600)
-    await ok(client, "workers.register", {"worker": "w1", "timeout": 2})
-    await asyncio.sleep(1.2)
+    registered = time.monotonic()
+    await ok(client, "workers.register", {"worker": "w1", "timeout": 4})
+    await asyncio.sleep(2.5)
+    reported = time.monotonic()
     await ok(client, "workers.status_report", {"worker": "w1", "timestamp": now_ms()})
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(max(0.0, registered + 5.0 - time.monotonic()))  # past the registration's own expiry
     assert list(await _workers(client)) == ["w1"]
-    await asyncio.sleep(1.0)
+    assert time.monotonic() < reported + 4.0, "the machine was too slow to tell"
+    await asyncio.sleep(max(0.0, reported + 5.0 - time.monotonic()))  # past the report's extension
     assert await _workers(client) == {}
 
 
