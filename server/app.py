@@ -34,6 +34,8 @@ async def _database(app: web.Application):
         queue_limit=settings.writer_queue_limit,
         answer_timeout=settings.writer_answer_timeout,
         metrics=app[METRICS],
+        idle_gpu_percent=settings.idle_gpu_percent,
+        utilisation_seconds=settings.utilisation_minutes * 60,
     )
     await writer.start()
     app[POOL], app[WRITER] = pool, writer

@@ -203,3 +203,22 @@ async def refresh_rollups(dsn: str, retention=None, lag: float = 0):
     while (done := await background.refresh_rollups(dsn, settings)) is None:
         await asyncio.sleep(0.05)
     return done
+
+
+async def pass_time(conn, seconds: float) -> None:
+    """As if `seconds` had passed since every registration's times (reads compare them with the
+    database's now()): each moved that much into the past, the health columns' included."""
+    await conn.execute(
+        """UPDATE worker_registrations SET
+               register_time = register_time - make_interval(secs => $1),
+               last_activity_time = last_activity_time - make_interval(secs => $1),
+               last_report_time = last_report_time - make_interval(secs => $1),
+               expires_at = expires_at - make_interval(secs => $1),
+               gpu_seen_since = CASE WHEN gpu_seen_since IS NOT NULL THEN ARRAY(
+                   SELECT t - make_interval(secs => $1) FROM unnest(gpu_seen_since) WITH ORDINALITY AS u (t, i) ORDER BY i)
+               END,
+               gpu_busy_at = CASE WHEN gpu_busy_at IS NOT NULL THEN ARRAY(
+                   SELECT t - make_interval(secs => $1) FROM unnest(gpu_busy_at) WITH ORDINALITY AS u (t, i) ORDER BY i)
+               END""",
+        float(seconds),
+    )
