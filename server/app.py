@@ -61,7 +61,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[ENDPOINTS_KEY] = ENDPOINTS
     app[LIMITS] = Limits(settings)
-    app[METRICS] = metrics.create(ENDPOINTS) if settings.metrics else None
+    app[METRICS] = metrics.create(ENDPOINTS, settings.metrics_per_company) if settings.metrics else None
     app[REQUEST_OBSERVER] = metrics.RequestObserver(app[METRICS], ENDPOINTS) if settings.metrics else None
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_background)

@@ -156,8 +156,6 @@ _COUNT = f"SELECT count(*) FROM worker_registrations AS r WHERE {_FILTER}"
 
 _DELETE_EXPIRED = "DELETE FROM worker_registrations WHERE expires_at <= now()"
 
-_COUNT_LIVE = "SELECT count(*) FROM worker_registrations WHERE expires_at > now()"
-
 # Per company with live registrations: live and silent workers, their GPUs and the idle ones
 # ($1 silent periods, $2 idle GPU minutes).
 _HEALTH_COUNTS = """
@@ -240,11 +238,6 @@ async def find(db, company: str, where: WorkerFilter, health: HealthRules | None
 
 async def count(db, company: str, where: WorkerFilter) -> int:
     return await db.fetchval(_COUNT, company, *where.arguments())
-
-
-async def count_live(db) -> int:
-    """Live registrations of every company."""
-    return await db.fetchval(_COUNT_LIVE)
 
 
 async def health_counts(db, health: HealthRules) -> list[asyncpg.Record]:
