@@ -222,3 +222,18 @@ async def pass_time(conn, seconds: float) -> None:
                END""",
         float(seconds),
     )
+
+
+async def health_fleet(client, conn) -> None:
+    """Reports every minute for 35 minutes (time passing by `pass_time`): `busy` (GPUs at 80 and
+    1 %), `idle` (two GPUs at 0 %), `cpu` (no GPU) and `dead`, which stopped 5 minutes ago (its
+    GPU at 0 %): `dead` is silent, and GPU 1 of `busy` and both of `idle` are idle."""
+    stats = {"busy": {"gpu_usage": [80, 1]}, "idle": {"gpu_usage": [0, 0]}, "cpu": {"cpu_usage": [5]},
+             "dead": {"gpu_usage": [0]}}  # fmt: skip
+    for minute in range(36):
+        if minute:
+            await pass_time(conn, 60)
+        for worker, machine_stats in stats.items():
+            if worker != "dead" or minute <= 30:
+                body = {"worker": worker, "timestamp": now_ms(), "machine_stats": machine_stats}
+                await ok(client, "workers.status_report", body)

@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 from conftest import create_credentials
 from helpers import (
-    basic_auth, call, fetch, free_port, now_ms, ok, pass_time, start_server, stop_server, wait_until_ready,
+    basic_auth, call, fetch, free_port, health_fleet, now_ms, ok, start_server, stop_server, wait_until_ready,
 )  # fmt: skip
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,20 +71,6 @@ async def test_live_registered_workers(make_client, db_conn):
 
 
 HEALTH = ("workers_registered_workers", "workers_silent_workers", "workers_gpus", "workers_idle_gpus")
-
-
-async def health_fleet(client, conn, prefix: str = "") -> None:
-    """Reports every minute for half an hour: `busy` (GPUs at 80 and 1 %), `idle` (two GPUs at
-    0 %), `cpu` (no GPU) and `dead`, which stopped 5 minutes ago (its GPU at 0 %)."""
-    stats = {"busy": {"gpu_usage": [80, 1]}, "idle": {"gpu_usage": [0, 0]}, "cpu": {"cpu_usage": [5]},
-             "dead": {"gpu_usage": [0]}}  # fmt: skip
-    for minute in range(36):
-        if minute:
-            await pass_time(conn, 60)
-        for worker, machine_stats in stats.items():
-            if worker != "dead" or minute <= 30:
-                body = {"worker": prefix + worker, "timestamp": now_ms(), "machine_stats": machine_stats}
-                await ok(client, "workers.status_report", body)
 
 
 async def swept(client, wanted: dict) -> dict:
