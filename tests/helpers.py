@@ -205,9 +205,10 @@ async def refresh_rollups(dsn: str, retention=None, lag: float = 0):
     return done
 
 
-async def pass_time(conn, seconds: float) -> None:
+async def pass_time(conn, seconds: float, workers: list[str] | None = None) -> None:
     """As if `seconds` had passed since every registration's times (reads compare them with the
-    database's now()): each moved that much into the past, the health columns' included."""
+    database's now()), or only those of `workers`: each moved that much into the past, the
+    health columns' included."""
     await conn.execute(
         """UPDATE worker_registrations SET
                register_time = register_time - make_interval(secs => $1),
@@ -219,8 +220,10 @@ async def pass_time(conn, seconds: float) -> None:
                END,
                gpu_busy_at = CASE WHEN gpu_busy_at IS NOT NULL THEN ARRAY(
                    SELECT t - make_interval(secs => $1) FROM unnest(gpu_busy_at) WITH ORDINALITY AS u (t, i) ORDER BY i)
-               END""",
+               END
+           WHERE $2::text[] IS NULL OR worker = ANY($2::text[])""",
         float(seconds),
+        workers,
     )
 
 
