@@ -3,22 +3,48 @@
 -- read scans the reports' history:
 --   report_period   an exponentially weighted mean of the gaps between the worker's reports
 --                   (seconds, the database's clock; NULL before its second report);
---   gpu_seen_since  per GPU index (1-based), since when the worker reports that GPU;
---   gpu_busy_at     per GPU index, its last report at or above WORKERS_IDLE_GPU_PERCENT;
+--   gpu_idle_since  per GPU of its last report (1-based), since when every report has had it
+--                   below WORKERS_IDLE_GPU_PERCENT; NULL where the last report had it at or
+--                   above (or no value for it);
 --   cpu_usage, gpu_usage  the report's mean over cores / GPUs, averaged over the recent
 --                   reports with a time constant of WORKERS_UTILISATION_MINUTES.
 -- A new or renewed registration starts them afresh. No index covers them: the updates stay HOT.
 ALTER TABLE worker_registrations
     ADD COLUMN report_period double precision,
-    ADD COLUMN gpu_seen_since timestamptz[],
-    ADD COLUMN gpu_busy_at timestamptz[],
+    ADD COLUMN gpu_idle_since timestamptz[],
     ADD COLUMN cpu_usage double precision,
     ADD COLUMN gpu_usage double precision;
 
--- Per GPU of a report (`gpus` of them): `first`'s time, or `second`'s where that is null.
-CREATE FUNCTION gpu_times_merge(first timestamptz[], second timestamptz[], gpus integer) RETURNS timestamptz[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN ARRAY(SELECT coalesce(first[i], second[i]) FROM generate_series(1, gpus) AS i ORDER BY i);
+-- gpu_idle_since after a report whose GPUs are `busy` (at or above the threshold; NULL: no
+-- value), at `at`, of a worker whose array was `kept`. The upsert calls these two only when its
+-- GPUs are partly busy: when all are busy or all below, arrays of builtins do.
+CREATE FUNCTION gpu_idle_since(kept timestamptz[], busy boolean[], at timestamptz) RETURNS timestamptz[]
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    since timestamptz[] := array_fill(NULL::timestamptz, ARRAY[cardinality(busy)]);
+BEGIN
+    FOR i IN 1 .. cardinality(busy) LOOP
+        IF NOT busy[i] THEN
+            since[i] := coalesce(kept[i], at);
+        END IF;
+    END LOOP;
+    RETURN since;
+END $$;
+
+-- The same from the array a report would start with (`reported`: its time where a GPU is below
+-- the threshold, NULL elsewhere): `kept`'s time where both have one.
+CREATE FUNCTION gpu_idle_since_merge(kept timestamptz[], reported timestamptz[]) RETURNS timestamptz[]
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    since timestamptz[] := reported;
+BEGIN
+    FOR i IN 1 .. cardinality(reported) LOOP
+        IF reported[i] IS NOT NULL AND kept[i] IS NOT NULL THEN
+            since[i] := kept[i];
+        END IF;
+    END LOOP;
+    RETURN since;
+END $$;
 
 -- A mean over time moved towards `sample`, which stands for the `seconds` since the last one:
 -- the older mean keeps the weight exp(-seconds / tau). `sample` alone when there is no mean yet.
@@ -37,26 +63,25 @@ END;
 CREATE FUNCTION worker_health(silent_periods float8)
 RETURNS TABLE (company text, worker text, last_report_time timestamptz, report_period float8,
                silent_since timestamptz, silent boolean, cpu_usage float8, gpu_usage float8,
-               gpu_seen_since timestamptz[], gpu_busy_at timestamptz[])
+               gpu_idle_since timestamptz[])
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
 SELECT r.company, r.worker, r.last_report_time, r.report_period, s.since, coalesce(s.since < now(), false),
-       r.cpu_usage, r.gpu_usage, r.gpu_seen_since, r.gpu_busy_at
+       r.cpu_usage, r.gpu_usage, r.gpu_idle_since
 FROM worker_registrations AS r
 CROSS JOIN LATERAL (SELECT r.last_report_time + make_interval(secs => silent_periods * r.report_period)) AS s (since)
 WHERE r.expires_at > now()
 $$;
 
--- Each GPU of a live registration (`gpu` counts from 0, as the reports' lists do): below the
--- idle threshold in every report since `below_threshold_since` (its last report at or above
--- it, or the first that had it); `idle` when that is at least `idle_gpu_minutes` ago and the
--- worker is not silent (of a silent worker's GPUs nothing is known since its last report).
+-- Each GPU of a live registration's last report (`gpu` counts from 0, as the reports' lists
+-- do): below the idle threshold in every report since `below_threshold_since` (NULL: not in
+-- the last one); `idle` when that is at least `idle_gpu_minutes` ago and the worker is not
+-- silent (of a silent worker's GPUs nothing is known since its last report).
 CREATE FUNCTION worker_gpu_health(silent_periods float8, idle_gpu_minutes float8)
 RETURNS TABLE (company text, worker text, gpu integer, below_threshold_since timestamptz, idle boolean)
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-SELECT h.company, h.worker, g.i::integer - 1, greatest(g.seen_since, g.busy_at),
-       h.report_period IS NOT NULL AND NOT h.silent
-           AND greatest(g.seen_since, g.busy_at) <= now() - make_interval(secs => idle_gpu_minutes * 60)
+SELECT h.company, h.worker, g.i::integer - 1, g.since,
+       coalesce(h.report_period IS NOT NULL AND NOT h.silent
+                AND g.since <= now() - make_interval(secs => idle_gpu_minutes * 60), false)
 FROM worker_health(silent_periods) AS h
-CROSS JOIN LATERAL unnest(h.gpu_seen_since, h.gpu_busy_at) WITH ORDINALITY AS g (seen_since, busy_at, i)
-WHERE g.seen_since IS NOT NULL
+CROSS JOIN LATERAL unnest(h.gpu_idle_since) WITH ORDINALITY AS g (since, i)
 $$;

@@ -53,7 +53,9 @@ class GpuHealth(Strict):
     index = fields.Integer(metadata={"description": "the GPU's index in the reports' lists"}, required=True)
     idle = fields.Boolean(required=True)
     below_threshold_since = fields.DateTime(
-        metadata={"description": "every report since had it below the idle threshold"}, required=True
+        allow_none=True,
+        metadata={"description": "every report since had it below the idle threshold; null: not the last one"},
+        required=True,
     )
 
 

@@ -215,11 +215,8 @@ async def pass_time(conn, seconds: float, workers: list[str] | None = None) -> N
                last_activity_time = last_activity_time - make_interval(secs => $1),
                last_report_time = last_report_time - make_interval(secs => $1),
                expires_at = expires_at - make_interval(secs => $1),
-               gpu_seen_since = CASE WHEN gpu_seen_since IS NOT NULL THEN ARRAY(
-                   SELECT t - make_interval(secs => $1) FROM unnest(gpu_seen_since) WITH ORDINALITY AS u (t, i) ORDER BY i)
-               END,
-               gpu_busy_at = CASE WHEN gpu_busy_at IS NOT NULL THEN ARRAY(
-                   SELECT t - make_interval(secs => $1) FROM unnest(gpu_busy_at) WITH ORDINALITY AS u (t, i) ORDER BY i)
+               gpu_idle_since = CASE WHEN gpu_idle_since IS NOT NULL THEN ARRAY(
+                   SELECT t - make_interval(secs => $1) FROM unnest(gpu_idle_since) WITH ORDINALITY AS u (t, i) ORDER BY i)
                END
            WHERE $2::text[] IS NULL OR worker = ANY($2::text[])""",
         float(seconds),

@@ -141,6 +141,7 @@ async def test_an_expired_registration_starts_afresh(client, db_conn):
 async def test_silence_in_real_time(make_client):
     """No time travel: reports half a second apart, then none."""
     client = await make_client()
+    await healths(client)  # the first read starts the reader process: a second or two
     for number in range(5):
         if number:
             await asyncio.sleep(0.5)
@@ -179,16 +180,31 @@ async def test_one_busy_report_resets_the_window(client, db_conn):
     await report(client, "w1", gpu_usage=[5, 0])  # the threshold itself is busy
     state = (await healths(client))["w1"]
     assert gpus(state) == {0: False, 1: True}
-    busy_at = at(state["gpus"][0]["below_threshold_since"])
-    await reports_every(client, db_conn, "w1", 60, 30, gpu_usage=[0, 0])  # 29 more minutes
+    assert state["gpus"][0]["below_threshold_since"] is None
+    await pass_time(db_conn, 60)
+    await report(client, "w1", gpu_usage=[0, 0])
     state = (await healths(client))["w1"]
-    assert gpus(state) == {0: False, 1: True}
+    first_below = at(state["gpus"][0]["below_threshold_since"])
+    assert abs(datetime.now(first_below.tzinfo) - first_below) < timedelta(seconds=30)
+    await reports_every(client, db_conn, "w1", 60, 30, gpu_usage=[0, 0])  # 29 more minutes
+    assert gpus((await healths(client))["w1"]) == {0: False, 1: True}
     await pass_time(db_conn, 60)
     await report(client, "w1", gpu_usage=[0, 0])
     state = (await healths(client))["w1"]
     assert gpus(state) == {0: True, 1: True}
-    # the time it was last busy, moved back with the rest by the 30 minutes that passed
-    assert at(state["gpus"][0]["below_threshold_since"]) == busy_at - timedelta(minutes=30)
+    # since the first report below the threshold, moved back with the rest by the 30 minutes
+    assert at(state["gpus"][0]["below_threshold_since"]) == first_below - timedelta(minutes=30)
+
+
+async def test_some_gpus_busy_and_others_not(client, db_conn):
+    """Reports that change which GPUs are busy (the upsert's general case)."""
+    await reports_every(client, db_conn, "w1", 60, 31, gpu_usage=[0, 90, 0, 90])
+    assert gpus((await healths(client))["w1"]) == {0: True, 1: False, 2: True, 3: False}
+    await pass_time(db_conn, 60)
+    await report(client, "w1", gpu_usage=[90, 0, 0, 90])
+    assert gpus((await healths(client))["w1"]) == {0: False, 1: False, 2: True, 3: False}
+    await reports_every(client, db_conn, "w1", 60, 31, gpu_usage=[0, 0, 0, 90])
+    assert gpus((await healths(client))["w1"]) == {0: True, 1: True, 2: True, 3: False}
 
 
 async def test_the_idle_settings(make_client, db_conn):
@@ -206,22 +222,25 @@ async def test_a_silent_workers_gpus_are_not_idle(client, db_conn):
 
 
 async def test_reports_without_gpu_values_keep_what_is_known(client, db_conn):
-    await reports_every(client, db_conn, "w1", 60, 31, gpu_usage=[0, 0])
+    await reports_every(client, db_conn, "w1", 60, 31, gpu_usage=[0, 0, 0])
     await pass_time(db_conn, 60)
     await report(client, "w1")  # no machine_stats
     await pass_time(db_conn, 60)
     await report(client, "w1", cpu_usage=[50])  # no GPUs
     await pass_time(db_conn, 60)
-    # a null GPU value: that GPU keeps its state (here its earlier busy time)
-    body = {"worker": "w1", "timestamp": now_ms(), "machine_stats": {"gpu_usage": [None, 50]}}
+    await report(client, "w1", gpu_usage=[1, 2, 3])
+    assert gpus((await healths(client))["w1"]) == {0: True, 1: True, 2: True}
+    await pass_time(db_conn, 60)
+    # a null value is not below the threshold: that GPU's window starts again
+    body = {"worker": "w1", "timestamp": now_ms(), "machine_stats": {"gpu_usage": [None, 0, 0]}}
     await ok(client, "workers.status_report", body)
-    assert gpus((await healths(client))["w1"]) == {0: True, 1: False}
+    assert gpus((await healths(client))["w1"]) == {0: False, 1: True, 2: True}
     await pass_time(db_conn, 60)
-    await report(client, "w1", gpu_usage=[0])  # one GPU fewer: the last is no longer tracked
-    assert gpus((await healths(client))["w1"]) == {0: True}
+    await report(client, "w1", gpu_usage=[0, 0])  # one GPU fewer: the last is no longer tracked
+    assert gpus((await healths(client))["w1"]) == {0: False, 1: True}
     await pass_time(db_conn, 60)
-    await report(client, "w1", gpu_usage=[0, 0, 0])  # GPUs 1 and 2 are new again
-    assert gpus((await healths(client))["w1"]) == {0: True, 1: False, 2: False}
+    await report(client, "w1", gpu_usage=[0, 0, 0])  # and is new again
+    assert gpus((await healths(client))["w1"]) == {0: False, 1: True, 2: False}
 
 
 async def test_a_worker_without_gpus_has_none(client, db_conn):
@@ -263,17 +282,18 @@ async def test_reports_of_one_worker_in_one_batch(dsn, db_conn):
     finally:
         await writer.close()
     row = await db_conn.fetchrow("SELECT * FROM worker_registrations WHERE worker = 'w1'")
-    assert row["gpu_busy_at"][0] is not None and row["gpu_busy_at"][1] is None
-    assert None not in row["gpu_seen_since"]
+    assert row["gpu_idle_since"][0] is None and row["gpu_idle_since"][1] is not None
     assert (row["cpu_usage"], row["gpu_usage"]) == (7, 0.5)
 
 
 def test_a_reports_gpus():
     assert health.gpu_busy(None, 5) is None
     assert health.gpu_busy({"total": 50}, 5) is None
+    assert health.gpu_busy({"0": 4.99, "1": 5}, 5) == [False, True]
     assert health.gpu_busy({"0": 4.99, "2": 5}, 5) == [False, None, True]
+    assert health.gpu_busy({"1": 1, "2": 1}, 5) == [None, False, False]
     assert len(health.gpu_busy({"0": 1, str(health.MAX_GPUS): 1}, 5)) == 1
-    assert health.merge_gpu_busy([True, None], [False, False, None]) == [True, False, None]
+    assert health.merge_gpu_busy([True, None, False], [False, False, False, None]) == [True, None, False, None]
     assert health.merge_gpu_busy([True, False], [False]) == [True]
     assert health.merge_gpu_busy(None, [False]) == [False] and health.merge_gpu_busy([True], None) == [True]
 

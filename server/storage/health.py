@@ -13,6 +13,9 @@ def gpu_busy(usage: dict | None, busy_percent: float) -> list[bool | None] | Non
     None at an index the report has no value for, and None for a report without GPUs."""
     if not usage:
         return None
+    # The usual list of numbers: variants "0" to "n-1", in order (schemas.MachineStats).
+    if len(usage) <= MAX_GPUS and next(reversed(usage)) == str(len(usage) - 1):
+        return [value >= busy_percent for value in usage.values()]
     flags: dict[int, bool] = {}
     for variant, value in usage.items():
         if variant.isdigit() and int(variant) < MAX_GPUS:  # a scalar (variant "total") names no GPU
@@ -30,11 +33,13 @@ def mean(values: dict | None) -> float | None:
 
 
 def merge_gpu_busy(earlier: list | None, later: list | None) -> list | None:
-    """Two reports of one worker in one batch as one: busy where either was, the later's length."""
+    """Two reports of one worker in one batch as one, with the later's GPUs: busy where either
+    was, below the threshold where both were, else no value (which restarts that GPU's idle
+    window, as it would have in two statements)."""
     if earlier is None or later is None:
         return later if later is not None else earlier
     merged = []
     for index, flag in enumerate(later):
-        before = earlier[index] if index < len(earlier) else None
-        merged.append(flag if before is None else before if flag is None else flag or before)
+        before = earlier[index] if index < len(earlier) else flag
+        merged.append(True if True in (before, flag) else None if None in (before, flag) else False)
     return merged

@@ -28,8 +28,7 @@ ON CONFLICT (company, worker) DO UPDATE SET
     tags = EXCLUDED.tags,
     system_tags = EXCLUDED.system_tags,
     report_period = NULL,
-    gpu_seen_since = NULL,
-    gpu_busy_at = NULL,
+    gpu_idle_since = NULL,
     cpu_usage = NULL,
     gpu_usage = NULL
 """
@@ -42,23 +41,27 @@ ON CONFLICT (company, worker) DO UPDATE SET
 # of history) are skipped.
 #
 # The health columns (migrations/012, docs/health.md), from the entry's `gpu_busy` (per GPU
-# index: at or above the idle threshold, or null where the report has no value), `cpu` and
-# `gpu` (the report's mean usage, null without one) and `$8`, the utilisation's time constant
-# in seconds. The gap since the last report moves report_period by a quarter of the way (the
-# gap of a live registration is within its timeout: an expired one starts afresh).
+# index: at or above the idle threshold; null where the report has no value), `cpu` and `gpu`
+# (the report's mean usage, null without one) and `$8`, the usage means' time constant in
+# seconds. The gap since the last report moves report_period a quarter of the way (the gap of
+# a live registration is within its timeout: an expired one starts afresh). gpu_idle_since
+# takes the usual reports (every GPU below the threshold, as before, or every one busy) with
+# builtins, and calls a function only when some GPUs are busy and others not.
 REPORTS_UPSERT = f"""
-INSERT INTO worker_registrations AS w ({_COLUMNS}, gpu_seen_since, gpu_busy_at, cpu_usage, gpu_usage)
+INSERT INTO worker_registrations AS w ({_COLUMNS}, gpu_idle_since, cpu_usage, gpu_usage)
 SELECT r.company, r.worker, r.user_id, r.ip, now(), r.timeout, now(), now(),
        now() + make_interval(secs => r.timeout), r.task, r.queue, r.queues, r.tags, r.system_tags,
-       g.seen, g.busy, r.cpu, r.gpu
+       CASE
+           WHEN r.gpu_busy IS NULL THEN NULL
+           WHEN false = ALL (r.gpu_busy) THEN array_fill(now(), ARRAY[cardinality(r.gpu_busy)])
+           WHEN true = ALL (r.gpu_busy) THEN array_fill(NULL::timestamptz, ARRAY[cardinality(r.gpu_busy)])
+           ELSE gpu_idle_since(NULL, r.gpu_busy, now())
+       END,
+       r.cpu, r.gpu
 FROM jsonb_to_recordset($1::jsonb) AS r (
     company text, worker text, user_id text, ip text, timeout integer,
     task text, queue text, queues text[], tags text[], system_tags text[], register boolean,
     gpu_busy boolean[], cpu float8, gpu float8)
-CROSS JOIN LATERAL (
-    SELECT array_agg(CASE WHEN u.busy IS NOT NULL THEN now() END ORDER BY u.i),
-           array_agg(CASE WHEN u.busy THEN now() END ORDER BY u.i)
-    FROM unnest(r.gpu_busy) WITH ORDINALITY AS u (busy, i)) AS g (seen, busy)
 WHERE r.register
 ORDER BY r.company, r.worker
 ON CONFLICT (company, worker) DO UPDATE SET
@@ -78,14 +81,17 @@ ON CONFLICT (company, worker) DO UPDATE SET
     report_period = CASE WHEN w.expires_at > now() THEN coalesce(
         0.75 * w.report_period + 0.25 * extract(epoch FROM now() - w.last_report_time),
         extract(epoch FROM now() - w.last_report_time)) END,
-    gpu_seen_since = CASE
-        WHEN w.expires_at <= now() THEN EXCLUDED.gpu_seen_since
-        WHEN EXCLUDED.gpu_seen_since IS NULL THEN w.gpu_seen_since
-        ELSE gpu_times_merge(w.gpu_seen_since, EXCLUDED.gpu_seen_since, cardinality(EXCLUDED.gpu_seen_since)) END,
-    gpu_busy_at = CASE
-        WHEN w.expires_at <= now() THEN EXCLUDED.gpu_busy_at
-        WHEN EXCLUDED.gpu_seen_since IS NULL THEN w.gpu_busy_at
-        ELSE gpu_times_merge(EXCLUDED.gpu_busy_at, w.gpu_busy_at, cardinality(EXCLUDED.gpu_seen_since)) END,
+    gpu_idle_since = CASE
+        WHEN w.expires_at <= now() THEN EXCLUDED.gpu_idle_since
+        WHEN EXCLUDED.gpu_idle_since IS NULL THEN w.gpu_idle_since
+        -- every GPU busy (or without a value)
+        WHEN array_position(EXCLUDED.gpu_idle_since, now()) IS NULL THEN EXCLUDED.gpu_idle_since
+        -- the same GPUs, every one below the threshold now and before
+        WHEN cardinality(w.gpu_idle_since) = cardinality(EXCLUDED.gpu_idle_since)
+             AND array_position(w.gpu_idle_since, NULL) IS NULL
+             AND array_position(EXCLUDED.gpu_idle_since, NULL) IS NULL THEN w.gpu_idle_since
+        ELSE gpu_idle_since_merge(w.gpu_idle_since, EXCLUDED.gpu_idle_since)
+    END,
     cpu_usage = CASE WHEN w.expires_at > now()
         THEN time_weighted_mean(w.cpu_usage, EXCLUDED.cpu_usage, extract(epoch FROM now() - w.last_report_time), $8)
         ELSE EXCLUDED.cpu_usage END,
