@@ -356,6 +356,7 @@ def charted_worker(workers: int) -> str:
 
 def http_reads(history: History, to_date: float) -> list[Read]:
     cpu = [("cpu_usage", "avg"), ("cpu_usage", "max")]
+    gpu = [("gpu_usage", "avg")]
     four = [(key, agg) for key in ("cpu_usage", "memory_used", "gpu_usage", "network_rx") for agg in ("avg", "max")]
     ten = [worker_id(number * history.workers // 10) for number in range(min(10, history.workers))]
     day_ago = to_date - DAY
@@ -368,6 +369,11 @@ def http_reads(history: History, to_date: float) -> list[Read]:
              chart_body(to_date - 3600, to_date, 40, cpu, ten)),
         Read("get_activity_report 24 h @ 600 s", 30, "workers.get_activity_report",
              {"from_date": day_ago, "to_date": to_date, "interval": 600}),
+        # The fleet page's GPU heatmap: every worker's GPU utilisation at about 120 buckets.
+        Read("get_stats fleet gpu avg 1 h @ 30 s (GPU heatmap)", 200, "workers.get_stats",
+             chart_body(to_date - 3600, to_date, 30, gpu, []) | {"empty_buckets": "null"}),
+        Read("get_stats fleet gpu avg 24 h @ 900 s (GPU heatmap)", 200, "workers.get_stats",
+             chart_body(day_ago, to_date, 900, gpu, []) | {"empty_buckets": "null"}),
     ]  # fmt: skip
     if history.days >= 7:
         reads.append(

@@ -6,27 +6,56 @@ quick start's credentials while the demo fleet reports.
     .venv/bin/python -m server demo-fleet --workers 12        # another, a few minutes ahead
     .venv/bin/python scripts/screenshot-fleet-page.py         # then this
 
-Nothing is downloaded: Selenium drives /usr/bin/chromium through /usr/bin/chromedriver
-(Debian's chromium and chromium-driver packages).
+Selenium drives /usr/bin/chromium through /usr/bin/chromedriver (Debian's chromium and
+chromium-driver packages: `sudo apt-get install chromium chromium-driver`); no browser or
+driver is downloaded. Selenium itself is the project's `screenshot` extra: when it is
+missing, this script installs it into .venv (`scripts/setup-venv.sh screenshot`) first.
 """
 
 import argparse
+import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
-
 ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+INSTALLED = "WORKERS_SCREENSHOT_SETUP_DONE"  # set for the run after the installation
+
+
+def _needs() -> None:
+    """Chromium and its driver must be there; Selenium is installed into .venv if missing
+    (then the script runs again with the venv's python)."""
+    missing = [package for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver"))
+               if not shutil.which(path)]
+    if missing:
+        raise SystemExit(f"screenshot-fleet-page: {' and '.join(missing)} missing: "
+                         f"sudo apt-get install {' '.join(missing)}")
+    if importlib.util.find_spec("selenium") is not None:
+        return
+    if os.environ.get(INSTALLED):
+        raise SystemExit(f"screenshot-fleet-page: Selenium is still missing for {sys.executable}")
+    print(f"screenshot-fleet-page: no Selenium for {sys.executable}: setting up .venv with it "
+          "(scripts/setup-venv.sh screenshot)", file=sys.stderr)
+    setup = subprocess.run([str(ROOT / "scripts" / "setup-venv.sh"), "screenshot"],
+                           check=True, stdout=subprocess.PIPE, text=True)
+    python = setup.stdout.strip().splitlines()[-1]
+    os.execve(python, [python, __file__, *sys.argv[1:]], {**os.environ, INSTALLED: "1"})
+
+
+_needs()
 sys.path.insert(0, str(ROOT))
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
 
 from server.demo import DEFAULT_CREDENTIALS, read_credentials  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 WIDTH = 1280
 MAX_HEIGHT = 1800  # the table, the activity and the first charts
 

@@ -20,6 +20,9 @@ credentials="$("$python" -m server credentials ensure --file "$root/.local/crede
 access_key="$(awk '$1 == "access_key" {print $2}' <<<"$credentials")"
 secret_key="$(awk '$1 == "secret_key" {print $2}' <<<"$credentials")"
 
+# One line per request in the log (never a credential); WORKERS_ACCESS_LOG=0 turns it off.
+export WORKERS_ACCESS_LOG="${WORKERS_ACCESS_LOG:-1}"
+
 port="${WORKERS_PORT:-8008}"
 cat <<INFO
 

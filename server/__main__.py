@@ -10,6 +10,9 @@
     python -m server companies list
     python -m server companies set COMPANY [--workers N] [--metric-keys N] [--reports-per-second R] [--burst B]
     python -m server companies unset COMPANY [--workers] [--metric-keys] [--reports-per-second] [--burst]
+    python -m server grafana-role create --company COMPANY --role NAME [--password-env VAR]
+    python -m server grafana-role drop --role NAME
+    python -m server grafana-role list
     python -m server demo-fleet [--workers N] [--period S] [--url URL] [--credentials FILE]
     python -m server import FILE
     python -m server openapi
@@ -28,7 +31,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
-from . import auth, background, demo, importer, openapi, serving
+from . import auth, background, demo, grafana, importer, openapi, serving
 from .app import create_app
 from .config import Settings
 from .limits import company_limits
@@ -328,12 +331,21 @@ def _parser() -> argparse.ArgumentParser:
     for flag in ("--workers", "--metric-keys", "--reports-per-second", "--burst"):
         unset_limits.add_argument(flag, action="store_true")
     unset_limits.set_defaults(action=unset_company_limits)
+    grafana.add_command(commands)
     demo.add_command(commands)
     importer.add_command(commands)
     commands.add_parser(
         "openapi", help="print the API description (OpenAPI 3.1, JSON), as served at /openapi.json"
     ).set_defaults(action=print_api_document)
     return parser
+
+
+def _prepare_refresher(niceness: int) -> None:
+    """In the refresher process before it runs Python: its niceness, and Ctrl-C ignored from
+    the start (a terminal sends SIGINT to the whole group and `serve` stops the refresher
+    itself; one that arrived while it still imported its modules would print a traceback)."""
+    os.nice(niceness)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     # busy taking reports (reads stay exact meanwhile: see storage/charts.py).
     refresher = subprocess.Popen(
         [sys.executable, "-m", "server", "rollups", "refresh", "--every", str(settings.rollup_refresh_seconds)],
-        preexec_fn=lambda: os.nice(settings.rollup_refresh_nice),
+        preexec_fn=lambda: _prepare_refresher(settings.rollup_refresh_nice),
     )
     try:
         serving.serve(lambda: create_app(settings), settings)

@@ -7,7 +7,7 @@ import secrets
 
 from aiohttp import web
 
-from . import background, metrics, page, routes
+from . import access, background, metrics, page, routes
 from .config import Settings
 from .endpoints import ENDPOINTS
 from .limits import Limits
@@ -65,6 +65,8 @@ def create_app(settings: Settings) -> web.Application:
     app[REQUEST_OBSERVER] = metrics.RequestObserver(app[METRICS], ENDPOINTS) if settings.metrics else None
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_background)
+    if settings.access_log:
+        access.setup(app)
     routes.setup(app, settings)
     page.setup(app)
     app.router.add_route("*", r"/{path:[\s\S]*}", dispatch)  # any path, newlines included

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import errors
 from .errors import ApiError
-from .keys import POOL, SETTINGS, SIGNING_KEY
+from .keys import IDENTITY, POOL, SETTINGS, SIGNING_KEY
 from .storage import credentials, tenants
 
 TOKEN_ALGORITHM = "HS256"
@@ -281,6 +281,13 @@ _DUMMY_HASH = hash_secret(new_secret())
 
 
 async def identify(request: web.Request) -> Identity:
+    """The caller, also left on the request as `IDENTITY` (for the access log)."""
+    identity = await _identity(request)
+    request[IDENTITY] = identity
+    return identity
+
+
+async def _identity(request: web.Request) -> Identity:
     header = request.headers.get("Authorization", "").strip()
     if not header:
         # The web UI sends the apiserver's session cookie instead; a header takes precedence.

@@ -59,6 +59,7 @@ class Settings:
     # Request handling
     max_body_bytes: int = 1024 * 1024
     debug: bool = False
+    access_log: bool = False  # one line per request (server/access.py)
     # Authentication: the key that signs tokens (empty: one generated once and kept in the
     # database), and the longest lifetime of a token.
     auth_secret: str = ""

@@ -27,8 +27,16 @@ INTERNAL_ERROR = (500, 0)
 
 
 class ApiError(Exception):
-    def __init__(self, code: tuple[int, int], message: str, *, retry_after: int | None = None):
+    def __init__(
+        self,
+        code: tuple[int, int],
+        message: str,
+        *,
+        retry_after: int | None = None,
+        allow: frozenset[str] = frozenset(),
+    ):
         super().__init__(message)
         self.result_code, self.result_subcode = code
         self.message = message
         self.retry_after = retry_after  # seconds: the answer's Retry-After header
+        self.allow = allow  # the methods of the answer's Allow header (a 405's)

@@ -1,4 +1,5 @@
-"""Typed keys of what the application holds for its handlers (aiohttp's AppKey)."""
+"""Typed keys of what the application holds for its handlers (aiohttp's AppKey), and of what
+a request carries from one part of the server to another."""
 
 import asyncpg
 from aiohttp import web
@@ -17,3 +18,12 @@ LIMITS = web.AppKey("limits", Limits)
 READERS = web.AppKey("readers", Readers)
 METRICS = web.AppKey("metrics", object)  # metrics.Metrics, or None when metrics are off
 REQUEST_OBSERVER = web.AppKey("request_observer", object)  # metrics.RequestObserver, or None
+
+
+def _request_key(name: str, kind: type):
+    """aiohttp's typed request key from 3.14 on; a string key before it."""
+    return web.RequestKey(name, kind) if hasattr(web, "RequestKey") else name
+
+
+IDENTITY = _request_key("identity", object)  # auth.Identity of the caller, once identified
+REQUEST_STARTED = _request_key("started", float)  # time.perf_counter() (with the access log)

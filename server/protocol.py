@@ -72,9 +72,15 @@ def envelope(
     message: str = "OK",
     error_stack: str | None = None,
     retry_after: int | None = None,
+    allow: frozenset[str] = frozenset(),
 ) -> web.Response:
     if retry_after is None and code[0] == 503:
         retry_after = _RETRY_LATER_SECONDS
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if allow:
+        headers["Allow"] = ", ".join(sorted(allow))
     call_id = uuid.uuid4().hex
     meta = {
         "id": call_id,
@@ -94,7 +100,7 @@ def envelope(
         body=orjson.dumps({"meta": meta, "data": data}),
         status=code[0],
         content_type="application/json",
-        headers={"Retry-After": str(retry_after)} if retry_after is not None else None,
+        headers=headers or None,
     )
 
 
@@ -122,12 +128,41 @@ def decode_body(raw: bytes) -> dict:
     return body
 
 
+async def _methods_of_other_routes(request: web.Request) -> frozenset[str]:
+    """The methods that the routes beside the API (/healthz, the page, ...) take at this
+    path, for a request that came to the API's catch-all route with another method (none
+    when no such route has this path). The router passes over a route whose path matches but
+    not its method; only the catch-all route resolves."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        match, methods = await resource.resolve(request)
+        if match is None:
+            allowed |= methods
+    return frozenset(allowed)
+
+
+def _payload_problem(error: web.RequestPayloadError) -> str:
+    """What aiohttp found wrong with a body, on one line ("Can not decode content-encoding: gzip")."""
+    text = getattr(error.__cause__, "message", "") or str(error)
+    return " ".join(text.split())
+
+
+def _give_up_the_body(request: web.Request) -> None:
+    """After a body that could not be decoded: aiohttp's parser has stopped on it, so the
+    connection takes no further request and `dispatch` closes it after the answer. Its end is
+    marked here, else aiohttp would read on to the body's end after the answer, meet the
+    same error and log it as an unhandled exception, with its traceback, at ERROR."""
+    request.content.feed_eof()
+
+
 async def dispatch(request: web.Request) -> web.Response:
     started = time.perf_counter()
     match = _PATH.fullmatch(request.path)
     endpoint_name = match["endpoint"] if match else request.path.lstrip("/")
     version = (match and match["version"]) or API_VERSION
     response = await _answer(request, match, endpoint_name, version)
+    if request.content.exception() is not None:  # a body it could not read: see _give_up_the_body
+        response.force_close()
     observer = request.app[REQUEST_OBSERVER]
     if observer is not None:
         observer.observe(endpoint_name, response.status, started)
@@ -138,22 +173,33 @@ async def _answer(request: web.Request, match: re.Match | None, endpoint_name: s
     try:
         endpoint = request.app[ENDPOINTS].get(endpoint_name) if match else None
         if endpoint is None:
+            if allowed := await _methods_of_other_routes(request):
+                raise ApiError(
+                    errors.METHOD_NOT_ALLOWED,
+                    f"method {request.method} is not allowed on {request.path}: use {' or '.join(sorted(allowed))}",
+                    allow=allowed,
+                )
             raise ApiError(errors.ENDPOINT_NOT_SUPPORTED, f"endpoint is not supported: {endpoint_name}")
         if request.method not in METHODS:
-            raise ApiError(errors.METHOD_NOT_ALLOWED, f"method {request.method} is not allowed: use GET, POST or PUT")
+            raise ApiError(
+                errors.METHOD_NOT_ALLOWED, f"method {request.method} is not allowed: use GET, POST or PUT", allow=METHODS
+            )
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             limit = request.app[SETTINGS].max_body_bytes
             raise ApiError(errors.BODY_TOO_LARGE, f"request body is larger than {limit} bytes") from None
         except web.RequestPayloadError as error:  # e.g. a Content-Encoding it is not in
-            raise ApiError(errors.VALIDATION_ERROR, f"Validation error: unreadable request body: {error}") from None
+            _give_up_the_body(request)
+            problem = _payload_problem(error)
+            log.info("unreadable request body of %s from %s: %s", endpoint_name, request.remote, problem)
+            raise ApiError(errors.VALIDATION_ERROR, f"Validation error: unreadable request body: {problem}") from None
         identity = await auth.identify(request)
         data = await endpoint(Call(endpoint_name, decode_body(raw), identity, request))
         return envelope(endpoint_name, version, data)
     except ApiError as error:
         code = (error.result_code, error.result_subcode)
-        return envelope(endpoint_name, version, {}, code, error.message, retry_after=error.retry_after)
+        return envelope(endpoint_name, version, {}, code, error.message, retry_after=error.retry_after, allow=error.allow)
     except asyncpg.ForeignKeyViolationError:
         # Only a valid token for a company deleted since (or from a recreated database with
         # the same WORKERS_AUTH_SECRET) can name a company that does not exist.

@@ -19,13 +19,29 @@ import tempfile
 from typing import Callable
 
 from aiohttp import web
+from aiohttp.worker import GunicornUVLoopWebWorker
 from gunicorn.app.base import BaseApplication
 
 from . import metrics
 from .config import Settings
 
-WORKER_CLASS = "aiohttp.GunicornUVLoopWebWorker"
 GC_YOUNG_THRESHOLD = 20_000
+
+
+class Worker(GunicornUVLoopWebWorker):
+    """aiohttp's uvloop worker, serving on the plain listening sockets.
+
+    gunicorn hands its workers wrappers of their sockets. uvloop closes a listening socket's
+    file descriptor itself when the server stops, then detaches a plain socket object but
+    calls the wrapper's close(), which closes the descriptor again and logs "Error while
+    closing socket [Errno 9] Bad file descriptor" at every shutdown."""
+
+    def run(self) -> None:
+        self.sockets = [getattr(listener, "sock", listener) for listener in self.sockets]
+        super().run()
+
+
+WORKER_CLASS = f"{__name__}.Worker"
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -88,9 +88,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(dsn: str, log: Path, *, processes: int = 1, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    dsn: str, log: Path, *, processes: int = 1, env: dict | None = None, own_group: bool = False
+) -> tuple[subprocess.Popen, str]:
     """`python -m server serve` as in production, on a free port; (process, base url).
-    Its output goes to `log`; `wait_until_ready` waits for it to answer."""
+    Its output goes to `log`; `wait_until_ready` waits for it to answer. `own_group`: in a
+    process group of its own, as a terminal's foreground job (Ctrl-C signals the group)."""
     port = free_port()
     with open(log, "w") as output:
         process = subprocess.Popen(
@@ -100,6 +103,7 @@ def start_server(dsn: str, log: Path, *, processes: int = 1, env: dict | None = 
             env={**os.environ, "WORKERS_DB_DSN": dsn, **(env or {})},
             stdout=output,
             stderr=subprocess.STDOUT,
+            process_group=0 if own_group else None,
         )
     return process, f"http://127.0.0.1:{port}"
 

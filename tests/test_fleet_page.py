@@ -12,6 +12,9 @@ import asyncio
 import fnmatch
 import json
 import re
+import struct
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -29,6 +32,7 @@ from helpers import Credentials, basic_auth, fetch, pass_time, set_database_open
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.common.selenium_manager import SeleniumManager
@@ -346,7 +350,7 @@ def test_page_and_its_files_are_served_with_security_headers(fleet, path, conten
 
 def test_the_api_keeps_every_other_path(fleet):
     status, headers, body = fetch(fleet.url, method="POST", body=b"")  # the page is GET / only
-    assert status == 400 and orjson.loads(body)["meta"]["result_subcode"] == 1
+    assert status == 405 and orjson.loads(body)["meta"]["result_subcode"] == 0 and headers["Allow"] == "GET, HEAD"
     status, headers, body = fetch(fleet.url + "workers.get_count")
     assert status == 401 and orjson.loads(body)["meta"]["result_subcode"] == 20
     assert fetch(fleet.url + "static/nothing.js")[0] == 404
@@ -442,7 +446,8 @@ def test_hostile_worker_data_shows_as_text(browser, fleet):
     assert len(keys) * 3 > 64
     wait(browser, lambda: set(figures(browser, "metric-charts")) == keys, "a chart for every metric key of the worker")
     note = f"{HOSTILE_ID}: min, average and max; gaps where nothing was reported"
-    assert browser.find_element(By.ID, "metrics-note").text == note
+    wait(browser, lambda: browser.find_element(By.ID, "metrics-note").text == note, "the worker alone charted")
+    wait(browser, lambda: set(figures(browser, "metric-charts")) == keys, "its charts alone")
     metric = figures(browser, "metric-charts")[HOSTILE_METRIC]
     wait(browser, lambda: int(metric.get_attribute("data-nonzero")) > 0, "its data")
     assert legend_names(metric) == ["avg", "min", "max"]
@@ -606,6 +611,47 @@ def test_times_in_one_format_with_the_zone_and_a_utc_switch(browser, fleet):
     finally:
         browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})
         browser.execute_script("localStorage.clear()")
+
+
+def gpus_of(fleet) -> dict[str, int]:
+    """The demo machines' GPU counts (the fleet fixture's machines, made again: same seed)."""
+    return {machine.worker: machine.gpus for machine in demo.fleet(4, seed=11)}
+
+
+def test_a_worker_alone_has_its_gpu_metrics_per_gpu(browser, fleet):
+    signed_in(browser, fleet)
+    worker, count = max(gpus_of(fleet).items(), key=lambda item: item[1])
+    assert count >= 1
+    select_only(browser, worker)
+    per_gpu = [f"GPU {i}" for i in range(count)]
+    wait(browser, lambda: legend_names(figures(browser, "metric-charts")["gpu_usage (%)"]) == per_gpu, "a series per GPU")
+    cpu = figures(browser, "metric-charts")["cpu_usage (%)"]
+    assert legend_names(cpu) == ["avg", "min", "max"]  # the other metrics as before
+    assert browser.find_element(By.ID, "metrics-note").text.startswith(f"{worker}: min, average and max; GPU metrics per GPU")
+    select_only(browser, fleet.workers[0])
+
+
+def test_the_gpu_heatmap(browser, fleet):
+    signed_in(browser, fleet)
+    with_gpus = sorted(worker for worker, count in gpus_of(fleet).items() if count)
+    assert 0 < len(with_gpus) < len(fleet.workers)
+    canvas = browser.find_element(By.ID, "heatmap")
+    wait(browser, lambda: canvas.is_displayed() and canvas.get_attribute("data-workers") == str(len(with_gpus)),
+         "a row per worker with GPUs")
+    assert canvas.get_attribute("data-rows") == str(len(with_gpus))
+    assert 100 <= int(canvas.get_attribute("data-columns")) <= 125  # about 120 buckets over the hour
+    note = browser.find_element(By.ID, "heatmap-note").text
+    assert note.startswith(f"{len(with_gpus)} workers, busiest first; 30 s buckets"), note
+    ActionChains(browser).move_to_element_with_offset(canvas, 0, 0).perform()  # its middle
+    readout = browser.find_element(By.ID, "heatmap-readout")
+    wait(browser, lambda: re.fullmatch(r"(.+), \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: (\d+(\.\d+)? %|no report)", readout.text),
+         "the worker, time and value under the pointer")
+    assert readout.text.split(", ")[0] in with_gpus
+
+    filter_by(browser, "worker-pattern", "demo-*:cpu:?")  # workers without GPUs: no heatmap
+    wait(browser, lambda: not browser.find_element(By.ID, "gpu-panel").is_displayed(), "the heatmap hidden")
+    filter_by(browser, "worker-pattern", "")
+    wait(browser, lambda: canvas.is_displayed(), "the heatmap back")
 
 
 def test_refreshes_are_periodic_and_never_pile_up(browser, fleet):
@@ -815,3 +861,19 @@ def test_no_content_security_policy_violation_nor_script_error(browser, fleet):
     assert browser.execute_script("return window.ran") is None
     wait(browser, lambda: any("Content Security Policy" in entry["message"] for entry in console(browser)),
          "the violation in the log")
+
+
+def test_the_screenshot_script_takes_the_page(fleet, tmp_path):
+    """scripts/screenshot-fleet-page.py, as docs/fleet-page.md documents it, on this fleet."""
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"access_key {fleet.caller.access_key}\nsecret_key {fleet.caller.secret}\n")
+    output = tmp_path / "fleet-page.png"
+    taken = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "screenshot-fleet-page.py"),
+         "--url", fleet.url, "--credentials", str(credentials), "--output", str(output)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert taken.returncode == 0, taken.stderr
+    png = output.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert struct.unpack(">II", png[16:24])[0] == 1280  # the IHDR's width

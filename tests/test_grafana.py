@@ -23,6 +23,7 @@ import yaml
 from bench.grafana_sql import ALERTING, alert_rules, dashboards, expand, panels, rule_queries
 from helpers import health_fleet, now_ms, ok, refresh_rollups
 from server.config import Settings
+from server.grafana import role_name
 from server.keys import SETTINGS
 from server.storage import rollups
 
@@ -378,6 +379,10 @@ def test_provisioning_points_the_dashboards_at_the_compose_database():
 
     assert source["type"] == "grafana-postgresql-datasource"
     assert source["url"] == "db:5432" and "db" in compose
+    # A read-only role of one company (`grafana-role create`), its password from the environment.
+    assert source["user"] == "workers_grafana" and role_name(source["user"])
+    assert source["secureJsonData"]["password"] == "$GRAFANA_DB_PASSWORD"
+    assert "GRAFANA_DB_PASSWORD" in compose["grafana"]["environment"]
     assert source["jsonData"]["database"] == compose["db"]["environment"]["POSTGRES_DB"]
     assert source["jsonData"]["timescaledb"] is True  # expand()'s $__timeGroup assumes it
     mounts = {volume.split(":")[0]: volume.split(":")[1] for volume in compose["grafana"]["volumes"]}

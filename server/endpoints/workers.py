@@ -331,7 +331,10 @@ def _stats_answer(
 def _filled(values: np.ndarray, empty: float | None) -> list:
     if empty is not None:
         return np.nan_to_num(values, nan=empty).tolist()
-    return [None if value != value else value for value in values.tolist()]  # NaN != NaN
+    filled = values.tolist()
+    for index in np.flatnonzero(np.isnan(values)).tolist():
+        filled[index] = None
+    return filled
 
 
 async def get_activity_report(call: Call) -> dict:

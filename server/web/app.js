@@ -13,6 +13,9 @@ const AUTO_SELECTED = 4; // workers charted before anyone picks some
 const MAX_CHARTED = 10; // more series than this would not be read anyway
 const ITEMS_PER_CALL = 30; // get_stats items (the server's default limit is 64)
 const IDS_PER_CALL = 1000; // worker_ids of one get_activity_report (WORKERS_MAX_STATS_WORKER_IDS' default)
+const HEATMAP_COLUMNS = 120; // buckets across the GPU heatmap, whatever the range
+const HEATMAP_HEIGHT = 320; // pixels at most: more workers than rows share a row (their mean)
+const HEATMAP_ROW_PIXELS = 12; // at most, for a few workers
 const CHART_HEIGHT = 200;
 const TOP_WORKERS = 5; // in each busiest / idlest list
 const IDLE_GPUS_SHOWN = 10; // the longest idle; the rest counted
@@ -248,6 +251,9 @@ async function load(session) {
   const activity = filtered ? await activityOf(state.workers.map((w) => w.id), span) : everyone;
   if (session !== state.session) return;
   renderActivity(activity, span, filtered);
+  const heat = await gpuHeatmap(filtered ? state.workers.map((w) => w.id) : null, span);
+  if (session !== state.session) return;
+  renderHeatmap(heat);
   const charted = chartedWorkers();
   const metrics = charted.length ? await metricStats(charted, span) : { keys: [], workers: [] };
   if (session !== state.session) return;
@@ -289,21 +295,49 @@ async function metricStats(workerIds, span) {
     if (error instanceof ApiError && error.code === 400 && error.subcode === 1005) return { keys: [], workers: [] };
     throw error;
   }
-  // One worker: its min and max around the average; several: the average of each. A few
-  // keys per call, within the server's limits on items and series per get_stats.
-  const aggregations = workerIds.length === 1 ? ["avg", "min", "max"] : ["avg"];
-  const perCall = Math.max(1, Math.floor(ITEMS_PER_CALL / aggregations.length));
-  const calls = [];
-  for (let i = 0; i < keys.length; i += perCall) {
-    const items = keys.slice(i, i + perCall).flatMap((key) =>
-      aggregations.map((aggregation) => ({ key, aggregation })),
-    );
-    // null where a worker sent nothing (the extension empty_buckets): gaps, not zeros
-    calls.push(api("workers.get_stats", { ...span, worker_ids: workerIds, items, empty_buckets: "null" }));
-  }
+  // One worker: its min and max around the average, and its GPU metrics per GPU
+  // (split_by_variant); several: the average of each. A few keys per call, within the
+  // server's limits on items and series per get_stats.
+  const single = workerIds.length === 1;
+  const perGpu = single ? keys.filter(isGpuKey) : [];
+  const aggregations = single ? ["avg", "min", "max"] : ["avg"];
+  const calls = [
+    ...statsCalls(keys.filter((key) => !perGpu.includes(key)), aggregations, workerIds, span, false),
+    ...statsCalls(perGpu, ["avg"], workerIds, span, true),
+  ];
   const answers = await Promise.all(calls);
   const partial = answers.find((answer) => answer.partial_since !== undefined);
   return { keys, workers: answers.flatMap((answer) => answer.workers), partialSince: partial?.partial_since };
+}
+
+const isGpuKey = (key) => key.startsWith("gpu_");
+
+function statsCalls(keys, aggregations, workerIds, span, splitByVariant) {
+  const perCall = Math.max(1, Math.floor(ITEMS_PER_CALL / aggregations.length));
+  const calls = [];
+  for (let i = 0; i < keys.length; i += perCall) {
+    const items = keys.slice(i, i + perCall).flatMap((key) => aggregations.map((aggregation) => ({ key, aggregation })));
+    // null where a worker sent nothing (the extension empty_buckets): gaps, not zeros
+    const body = { ...span, worker_ids: workerIds, items, empty_buckets: "null", split_by_variant: splitByVariant };
+    calls.push(api("workers.get_stats", body));
+  }
+  return calls;
+}
+
+// Every worker's GPU utilisation (its GPUs' average) at about HEATMAP_COLUMNS buckets: of
+// the table's workers when filtered (lists of at most IDS_PER_CALL), else of every worker.
+async function gpuHeatmap(ids, span) {
+  if (ids && !ids.length) return [];
+  const wanted = state.range / HEATMAP_COLUMNS;
+  const interval = NICE_INTERVALS.find((nice) => nice >= wanted) || Math.ceil(wanted);
+  const body = { ...span, interval, items: [{ key: "gpu_usage", aggregation: "avg" }], empty_buckets: "null" };
+  const lists = ids ? Array.from({ length: Math.ceil(ids.length / IDS_PER_CALL) }, (_, i) =>
+    ids.slice(i * IDS_PER_CALL, (i + 1) * IDS_PER_CALL)) : [undefined];
+  const answers = await Promise.all(lists.map((list) => api("workers.get_stats", { ...body, worker_ids: list })));
+  return answers.flatMap((answer) => answer.workers).flatMap((worker) => {
+    const metric = worker.metrics.find((m) => m.metric === "gpu_usage" && m.variant === undefined);
+    return metric ? [{ id: worker.worker, dates: metric.dates, values: metric.stats[0].values }] : [];
+  });
 }
 
 // --- the table -----------------------------------------------------------------------------
@@ -811,28 +845,39 @@ function renderActivity(activity, span, filtered) {
   ], [seconds(total.dates), total.counts, active.counts], undefined, span, partialSince);
 }
 
-// get_stats answers per worker and metric; a chart is per metric, with a series per worker.
+// get_stats answers per worker and metric (and variant, when split); a chart is per metric,
+// with a series per worker, or per GPU of one worker.
 function metricSeries(stats, key, workerIds) {
   const dates = new Set();
   const byWorker = new Map();
+  const variants = new Map(); // of a metric split by variant: variant -> values
   for (const worker of stats) {
-    const metric = worker.metrics.find((m) => m.metric === key && m.variant === undefined);
-    if (!metric) continue;
-    metric.dates.forEach((d) => dates.add(d));
-    const valueAt = (stat) => new Map(metric.dates.map((date, i) => [date, stat.values[i]]));
-    const values = Object.fromEntries(metric.stats.map((stat) => [stat.aggregation, valueAt(stat)]));
-    byWorker.set(worker.worker, values);
+    for (const metric of worker.metrics.filter((m) => m.metric === key)) {
+      metric.dates.forEach((d) => dates.add(d));
+      const valueAt = (stat) => new Map(metric.dates.map((date, i) => [date, stat.values[i]]));
+      const values = Object.fromEntries(metric.stats.map((stat) => [stat.aggregation, valueAt(stat)]));
+      if (metric.variant === undefined) byWorker.set(worker.worker, values);
+      else variants.set(metric.variant, values);
+    }
   }
   const xs = [...dates].sort((a, b) => a - b);
   const charted = workerIds.filter((id) => byWorker.has(id));
-  return { xs, charted, column: (id, aggregation) => xs.map((d) => byWorker.get(id)[aggregation]?.get(d) ?? null) };
+  const column = (values, aggregation) => xs.map((d) => values[aggregation]?.get(d) ?? null);
+  return {
+    xs,
+    charted,
+    variants: [...variants.keys()],
+    column: (id, aggregation) => column(byWorker.get(id), aggregation),
+    variantColumn: (variant) => column(variants.get(variant), "avg"),
+  };
 }
 
 function renderMetrics(workerIds, metrics, span) {
   const parent = $("metric-charts");
   const ticked = state.workers.filter((w) => state.selected.has(w.id)).length;
   const howMany = ticked > workerIds.length ? `the first ${workerIds.length} of ${ticked} ticked` : workerIds.length;
-  const what = workerIds.length === 1 ? `${workerIds[0]}: min, average and max` : `${howMany} charted: averages`;
+  const perGpu = metrics.keys.some(isGpuKey) ? "; GPU metrics per GPU (averages)" : "";
+  const what = workerIds.length === 1 ? `${workerIds[0]}: min, average and max${perGpu}` : `${howMany} charted: averages`;
   $("metrics-note").textContent = workerIds.length
     ? `${what}; gaps where nothing was reported`
     : "none: tick workers in the table to chart them";
@@ -840,11 +885,16 @@ function renderMetrics(workerIds, metrics, span) {
   const figures = [];
   for (const key of metrics.keys) {
     const unit = UNITS[key] || "";
-    const { xs, charted, column } = metricSeries(metrics.workers, key, workerIds);
-    if (!charted.length) continue;
+    const { xs, charted, variants, column, variantColumn } = metricSeries(metrics.workers, key, workerIds);
+    if (!charted.length && !variants.length) continue;
     const title = unit ? `${key} (${unit})` : key;
     let series, data, bands;
-    if (workerIds.length === 1) {
+    if (variants.length) {
+      // One worker's GPU metric, a series per GPU ("total": sent as one number, not a list).
+      series = variants.map((variant, i) =>
+        seriesOptions(variant === "total" ? "total" : `GPU ${variant}`, PALETTE[i % PALETTE.length], unit));
+      data = [seconds(xs), ...variants.map(variantColumn)];
+    } else if (workerIds.length === 1) {
       const id = charted[0];
       series = [
         seriesOptions("avg", PALETTE[0], unit),
@@ -863,6 +913,75 @@ function renderMetrics(workerIds, metrics, span) {
   const keep = new Set(figures);
   for (const [id, chart] of [...charts]) if (id.startsWith("metric:") && !keep.has(chart.figure)) removeChart(id);
   if (figures.some((figure, i) => parent.children[i] !== figure)) parent.replaceChildren(...figures);
+}
+
+// --- the GPU heatmap: a row per worker (busiest first), a column per bucket ---------------
+
+const heatmap = { rows: [], dates: [], groups: 1 };
+
+// White (idle) to dark blue (busy); no report: grey.
+function heatColor(value) {
+  if (value == null) return [228, 231, 236];
+  const t = Math.max(0, Math.min(1, value / 100));
+  return [Math.round(247 - 217 * t), Math.round(251 - 187 * t), Math.round(255 - 80 * t)];
+}
+
+const mean = (values) => {
+  const present = values.filter((v) => v != null);
+  return present.length ? present.reduce((a, b) => a + b, 0) / present.length : null;
+};
+
+function renderHeatmap(rows) {
+  const panel = $("gpu-panel");
+  panel.hidden = rows.length === 0;
+  if (!rows.length) return;
+  const dates = [...new Set(rows.flatMap((row) => row.dates))].sort((a, b) => a - b);
+  const column = new Map(dates.map((date, i) => [date, i]));
+  const grid = rows.map((row) => {
+    const values = new Array(dates.length).fill(null);
+    row.dates.forEach((date, i) => (values[column.get(date)] = row.values[i]));
+    return { id: row.id, values, mean: mean(values) ?? -1 };
+  }).sort((a, b) => b.mean - a.mean || compareText(a.id, b.id));
+  // More workers than pixel rows: consecutive workers share a row, drawn as their mean.
+  const groups = Math.ceil(grid.length / Math.min(grid.length, HEATMAP_HEIGHT));
+  const canvas = $("heatmap");
+  const rowsDrawn = Math.ceil(grid.length / groups);
+  canvas.width = dates.length;
+  canvas.height = rowsDrawn;
+  const rowPixels = Math.max(1, Math.min(HEATMAP_ROW_PIXELS, Math.floor(HEATMAP_HEIGHT / rowsDrawn)));
+  canvas.style.height = `${rowsDrawn * rowPixels}px`;
+  const context = canvas.getContext("2d");
+  const image = context.createImageData(dates.length, rowsDrawn);
+  for (let band = 0; band < rowsDrawn; band += 1) {
+    const members = grid.slice(band * groups, (band + 1) * groups);
+    for (let x = 0; x < dates.length; x += 1) {
+      const [r, g, b] = heatColor(mean(members.map((member) => member.values[x])));
+      const at = (band * dates.length + x) * 4;
+      image.data.set([r, g, b, 255], at);
+    }
+  }
+  context.putImageData(image, 0, 0);
+  Object.assign(heatmap, { rows: grid, dates, groups });
+  const step = dates.length > 1 ? (dates[1] - dates[0]) / 1000 : 0;
+  const shared = groups > 1 ? `; a row is the mean of ${groups} workers` : "";
+  $("heatmap-note").textContent = `${grid.length} workers, busiest first; ${step ? durationText(step) : ""} buckets${shared}`;
+  canvas.dataset.workers = String(grid.length);
+  canvas.dataset.rows = String(rowsDrawn);
+  canvas.dataset.columns = String(dates.length);
+}
+
+// What is under the pointer or a touch: the worker (or the workers of the row), the time, the value.
+function readHeatmap(clientX, clientY) {
+  const canvas = $("heatmap");
+  const box = canvas.getBoundingClientRect();
+  const { rows, dates, groups } = heatmap;
+  if (!rows.length || !box.width || !box.height) return;
+  const x = Math.min(dates.length - 1, Math.max(0, Math.floor(((clientX - box.left) / box.width) * dates.length)));
+  const band = Math.min(canvas.height - 1, Math.max(0, Math.floor(((clientY - box.top) / box.height) * canvas.height)));
+  const members = rows.slice(band * groups, (band + 1) * groups);
+  const who = members.length === 1 ? members[0].id : `${members[0].id} … ${members[members.length - 1].id} (mean of ${members.length})`;
+  const value = mean(members.map((member) => member.values[x]));
+  $("heatmap-readout").textContent = `${who}, ${formatTime(dates[x])}: ${value == null ? "no report" : formatValue(value, "%")}`;
 }
 
 // --- wiring --------------------------------------------------------------------------------
@@ -892,6 +1011,11 @@ function start() {
   }
   showZone();
   $("silent-count").addEventListener("click", showSilentFirst);
+  const heatmapCanvas = $("heatmap");
+  heatmapCanvas.addEventListener("mousemove", (event) => readHeatmap(event.clientX, event.clientY));
+  const touched = (event) => event.touches[0] && readHeatmap(event.touches[0].clientX, event.touches[0].clientY);
+  heatmapCanvas.addEventListener("touchstart", touched, { passive: true });
+  heatmapCanvas.addEventListener("touchmove", touched, { passive: true });
   $("select-all").addEventListener("change", (event) => {
     selectWorkers(sortedWorkers().map((w) => w.id), event.target.checked);
   });
