@@ -496,7 +496,7 @@ async def test_without_the_right_to_set_up_readers_the_migration_says_so_and_gra
     conn.add_log_listener(lambda _, message: notices.append(message.message))
     try:
         applied = await db.migrate(conn)
-        assert applied[-1] == "010_grafana_readers.sql"
+        assert "010_grafana_readers.sql" in applied  # (later migrations may follow it)
         assert any(notice.startswith("Grafana reader roles not set up") for notice in notices), notices
         # Nothing granted (but each role's own row of grafana_roles): the tenant_* views are
         # the owner's, who bypasses the policies.
