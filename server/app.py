@@ -11,7 +11,8 @@ from . import access, background, metrics, page, routes
 from .config import Settings
 from .endpoints import ENDPOINTS
 from .limits import Limits
-from .keys import LIMITS, METRICS, POOL, READERS, REQUEST_OBSERVER, SETTINGS, SIGNING_KEY, WRITER
+from .apiserver import Apiserver
+from .keys import APISERVER, LIMITS, METRICS, POOL, READERS, REQUEST_OBSERVER, SETTINGS, SIGNING_KEY, WRITER
 from .keys import ENDPOINTS as ENDPOINTS_KEY
 from .protocol import dispatch
 from .readers import Readers
@@ -46,6 +47,19 @@ async def _database(app: web.Application):
     await pool.close()
 
 
+async def _apiserver(app: web.Application):
+    """The client of the ClearML apiserver that names get_all's tasks and queues, when its
+    address is set."""
+    settings = app[SETTINGS]
+    apiserver = Apiserver(settings, app[METRICS]) if settings.apiserver_url else None
+    if apiserver is not None:
+        await apiserver.start()
+    app[APISERVER] = apiserver
+    yield
+    if apiserver is not None:
+        await apiserver.close()
+
+
 async def _background(app: web.Application):
     tasks = background.start(app[POOL], app[SETTINGS], app[METRICS], app[LIMITS])
     yield
@@ -65,6 +79,7 @@ def create_app(settings: Settings) -> web.Application:
     app[REQUEST_OBSERVER] = metrics.RequestObserver(app[METRICS], ENDPOINTS) if settings.metrics else None
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_background)
+    app.cleanup_ctx.append(_apiserver)
     if settings.access_log:
         access.setup(app)
     routes.setup(app, settings)

@@ -18,7 +18,7 @@ import math
 import secrets
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jwt
 from aiohttp import web
@@ -41,6 +41,9 @@ class Identity:
     role: str = "user"
     company_name: str = ""
     user_name: str = ""
+    # The token itself when the apiserver issued it: calls made to the apiserver on the
+    # caller's behalf carry it (server/apiserver.py). Empty for our own keys and tokens.
+    apiserver_token: str = field(default="", repr=False)
 
 
 # Secrets
@@ -147,6 +150,7 @@ def _decode_apiserver_token(token: str, secret: str) -> tuple[Identity, float]:
         role=identity["role"],
         company_name=str(identity.get("company_name") or identity["company"]),
         user_name=str(identity.get("user_name") or identity["user"]),
+        apiserver_token=token,
     ), claims.get("exp", math.inf)
 
 

@@ -68,6 +68,13 @@ class Settings:
     # issued are accepted too (empty: not), and the web UI's session cookie.
     apiserver_token_secret: str = ""
     token_cookie: str = "clearml_token_basic"
+    # Beside a ClearML apiserver: its address, where get_all asks for the names of the tasks,
+    # projects and queues its workers name, with the caller's apiserver token (empty: not
+    # asked); how long a get_all waits for the answer (then it answers the ids alone), and
+    # how long a company's answer is reused (server/apiserver.py).
+    apiserver_url: str = ""
+    apiserver_timeout_ms: float = 300.0
+    apiserver_cache_seconds: float = 5.0
     # Prometheus metrics: off stops counting too. /metrics answers on the API's port without
     # credentials unless metrics_credentials (then as any API call) or metrics_bind
     # ("HOST:PORT": there alone, served by the `serve` command's master process).

@@ -18,6 +18,7 @@ LIMITS = web.AppKey("limits", Limits)
 READERS = web.AppKey("readers", Readers)
 METRICS = web.AppKey("metrics", object)  # metrics.Metrics, or None when metrics are off
 REQUEST_OBSERVER = web.AppKey("request_observer", object)  # metrics.RequestObserver, or None
+APISERVER = web.AppKey("apiserver", object)  # apiserver.Apiserver, or None without WORKERS_APISERVER_URL
 
 
 def _request_key(name: str, kind: type):

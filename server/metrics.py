@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from .admission import REFUSAL_CAUSES
+from .apiserver import FAILURE_CAUSES as APISERVER_FAILURE_CAUSES
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -56,6 +57,7 @@ class Metrics:
     reads_waiting: Any
     reads_refused: Any
     read_wait_seconds: Any
+    apiserver_lookups_failed: Any
     companies_counted: set[str] = field(default_factory=set)  # those of the per-company gauges
 
 
@@ -161,6 +163,13 @@ def create(known_endpoints, per_company: bool = False) -> Metrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         ),
+        apiserver_lookups_failed=prom.Counter(
+            "workers_apiserver_lookups_failed",
+            "get_all answers that name no task or queue because the apiserver did not give the names "
+            "(WORKERS_APISERVER_URL), by cause: timeout, unreachable, error, refused",
+            ["cause"],
+            registry=registry,
+        ),
     )
     # Every series exists from the start at 0, so that rate() and ratios see their first samples.
     for endpoint in known_endpoints:
@@ -171,6 +180,8 @@ def create(known_endpoints, per_company: bool = False) -> Metrics:
         metrics.database_errors.labels(kind)
     for cause in REFUSAL_CAUSES:
         metrics.reads_refused.labels(cause)
+    for cause in APISERVER_FAILURE_CAUSES:
+        metrics.apiserver_lookups_failed.labels(cause)
     return metrics
 
 

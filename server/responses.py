@@ -40,13 +40,38 @@ class Token(Strict):
     token = fields.String(metadata={"description": "a JWT (HS256): send it as `Authorization: Bearer`"}, required=True)
 
 
-class Reference(Strict):
-    id = fields.String(required=True)
-
-
 class Named(Strict):
     id = fields.String(required=True)
     name = fields.String(required=True)
+
+
+# Beside a ClearML server (WORKERS_APISERVER_URL), for a caller with the apiserver's token:
+# what the apiserver gives of a worker's task, project and queues; ids alone otherwise.
+APISERVER_ONLY = "from the apiserver (beside a ClearML server), when it has it"
+
+
+class IdOptionalName(Strict):
+    id = fields.String(required=True)
+    name = fields.String(metadata={"description": APISERVER_ONLY})
+
+
+class CurrentTask(Strict):
+    id = fields.String(required=True)
+    name = fields.String(metadata={"description": APISERVER_ONLY})
+    running_time = fields.Integer(
+        metadata={"description": "milliseconds the task has run (its active duration); " + APISERVER_ONLY}
+    )
+    last_iteration = fields.Integer(metadata={"description": APISERVER_ONLY})
+
+
+class QueueInfo(Strict):
+    id = fields.String(required=True)
+    name = fields.String(metadata={"description": APISERVER_ONLY})
+    display_name = fields.String(metadata={"description": APISERVER_ONLY})
+    num_tasks = fields.Integer(metadata={"description": "tasks waiting in the queue; " + APISERVER_ONLY})
+    next_task = fields.Nested(
+        IdOptionalName, metadata={"description": "the first task waiting; " + APISERVER_ONLY}
+    )
 
 
 class GpuHealth(Strict):
@@ -87,9 +112,10 @@ class Worker(Strict):
     register_timeout = fields.Integer(required=True)
     last_activity_time = fields.DateTime(allow_none=True, required=True)
     last_report_time = fields.DateTime(allow_none=True, required=True)
-    task = fields.Nested(Reference, allow_none=True, required=True)
-    queue = fields.Nested(Reference, allow_none=True, required=True)
-    queues = fields.List(fields.Nested(Reference), required=True)
+    task = fields.Nested(CurrentTask, allow_none=True, required=True)
+    project = fields.Nested(IdOptionalName, metadata={"description": "the task's project; " + APISERVER_ONLY})
+    queue = fields.Nested(QueueInfo, allow_none=True, required=True)
+    queues = fields.List(fields.Nested(QueueInfo), required=True)
     tags = fields.List(fields.String(), required=True)
     system_tags = fields.List(fields.String(), required=True)
     health = fields.Nested(WorkerHealth, metadata={"description": "extension: only with `health: true`"})

@@ -101,9 +101,11 @@ async def apiserver(aiohttp_server):
 
 
 @pytest.fixture
-async def workers(make_client):
-    """This service, accepting the apiserver's tokens, behind a proxy."""
-    return await make_client(apiserver_token_secret=TOKEN_SECRET, trust_proxy_headers=True)
+async def workers(make_client, apiserver):
+    """This service, accepting the apiserver's tokens, behind a proxy, asking the apiserver
+    directly (as inside the deployment) for the names get_all shows."""
+    return await make_client(apiserver_token_secret=TOKEN_SECRET, trust_proxy_headers=True,
+                             apiserver_url=f"http://127.0.0.1:{apiserver.server.port}")
 
 
 @pytest.fixture
@@ -221,10 +223,12 @@ async def test_daemon_through_the_proxy(apiserver, workers, proxy, start_daemon,
         assert {"auth.login", "queues.get_all", "queues.get_next_task"} <= endpoints, apiserver.calls
         assert not any(endpoint.startswith("workers.") for endpoint in endpoints), apiserver.calls
 
-        # The dashboards see it with its queue, through the proxy, with the apiserver's token.
+        # The dashboards see it with its queue, named by the apiserver, through the proxy, with
+        # the apiserver's token (which this service sent the apiserver for the names).
         [listed] = (await call(session, f"{proxy}/v2.31/workers.get_all", token, {"last_seen": 0}))["workers"]
         assert listed["id"] == WORKER
-        assert [queue["id"] for queue in listed["queues"]] == [apiserver.queue["id"]], listed
+        assert listed["queues"] == [{"id": apiserver.queue["id"], "name": "default", "num_tasks": 0}], listed
+        assert [(endpoint, sent) for endpoint, sent, _ in apiserver.lookups] == [("queues.get_all_ex", token)]
         assert listed["company"]["id"] == apiserver.company and listed["user"]["id"] == apiserver.user
         assert listed["ip"] == "127.0.0.1"
 

@@ -2,7 +2,9 @@
 workers effects make (`webapp-common/workers-and-queues/`), with the apiserver's token in
 its session cookie and no Authorization header, and every field the page reads checked.
 
-The page polls `get_all {}`, and charts either the company's activity (no worker selected)
+The page polls `get_all {}` (its table shows each worker's task, project, running time,
+iteration and queues by name: this service asks them of the apiserver, here its stand-in),
+and charts either the company's activity (no worker selected)
 or the selected worker's statistics for one key set, over a range R chosen from six, at
 `interval = max(floor(R / maxPoints), 40, or 10 with a worker)` (maxPoints: at most 1000,
 0.8 of the chart's width in pixels). The first load asks for [now - R, now]; each refresh
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import pytest
+from apiserver_standin import ApiServer, create_app
 from conftest import TEST_SETTINGS
 from helpers import basic_auth, ok, refresh_rollups
 from test_apiserver_tokens import SECRET, apiserver_token, new_id
@@ -32,6 +35,7 @@ REPORT_AGES = (3 * DAY, 20 * HOUR, 5 * HOUR, 90 * 60, 10 * 60, 2 * 60)  # second
 class Worker:
     stats: dict
     task: str | None = None
+    queue: str | None = None  # the queue its task came from
     queues: list[str] = field(default_factory=list)
 
     def average(self, key: str) -> float | None:
@@ -47,6 +51,7 @@ WORKERS = {
         {"cpu_usage": [10, 30], "gpu_usage": [50, 70], "memory_used": 2048, "gpu_memory_used": [1000, 3000],
          "network_rx": 5, "network_tx": 7},
         task="task-1",
+        queue="gpu-queue",
         queues=["gpu-queue"],
     ),
     "gpu-box-2": Worker(
@@ -56,6 +61,34 @@ WORKERS = {
     "cpu-box-1": Worker({"cpu_usage": [40, 60], "memory_used": 1024, "network_rx": 3, "network_tx": 4}, task="task-2"),
     "cpu-box-2": Worker({"cpu_usage": [5], "memory_used": 512, "network_rx": 0.25, "network_tx": 0.125}),
 }
+
+
+# The apiserver's records of those tasks and queues, and what get_all answers of them.
+PROJECTS = {"project-1": "Vision", "project-2": "Data"}
+TASKS = {
+    "task-1": {"name": "train resnet", "project": "project-1", "active_duration": 5400, "last_iteration": 42,
+               "started": "2026-01-01T09:00:00+00:00"},
+    "task-2": {"name": "nightly etl", "project": "project-2", "active_duration": 61,
+               "started": "2026-01-01T10:00:00+00:00"},
+    "task-3": {"name": "waiting job", "project": "project-1"},
+}
+QUEUES = {"gpu-queue": {"name": "gpu", "entries": [{"task": "task-3", "added": "2026-01-01T10:30:00+00:00"}]}}
+NAMED_TASKS = {
+    "task-1": {"id": "task-1", "name": "train resnet", "running_time": 5_400_000, "last_iteration": 42},
+    "task-2": {"id": "task-2", "name": "nightly etl", "running_time": 61_000},
+}
+NAMED_PROJECTS = {"task-1": {"id": "project-1", "name": "Vision"}, "task-2": {"id": "project-2", "name": "Data"}}
+NAMED_QUEUES = {"gpu-queue": {"id": "gpu-queue", "name": "gpu", "num_tasks": 1,
+                              "next_task": {"id": "task-3", "name": "waiting job"}}}
+
+
+def apiserver_of(company: str) -> ApiServer:
+    standin = ApiServer(SECRET, access_key="KEY", secret_key="secret", company=company)
+    standin.projects.update({id_: {"id": id_, "company": company, "name": name} for id_, name in PROJECTS.items()})
+    standin.tasks.update({id_: {"id": id_, "company": company, **task} for id_, task in TASKS.items()})
+    standin.queues += [{"id": id_, "company": company, "tags": [], "system_tags": [], **queue}
+                       for id_, queue in QUEUES.items()]
+    return standin
 
 
 class WebUI:
@@ -70,12 +103,15 @@ class WebUI:
 
 
 @pytest.fixture
-async def fleet(make_client):
+async def fleet(make_client, aiohttp_server):
     """Four workers of an apiserver company report at REPORT_AGES (the daemons with their
     apiserver token as Bearer), and one of another company at the same times."""
+    company = new_id()
+    standin = await aiohttp_server(create_app(apiserver_of(company)), host="127.0.0.1")
     defaults = {name: getattr(Settings, name) for name in TEST_SETTINGS}  # the server's own chart and retention settings
-    client = await make_client(authenticated=False, apiserver_token_secret=SECRET, **defaults)
-    token = apiserver_token(new_id(), new_id(), company_name="Acme", user_name="Alice")
+    client = await make_client(authenticated=False, apiserver_token_secret=SECRET,
+                               apiserver_url=f"http://127.0.0.1:{standin.port}", **defaults)
+    token = apiserver_token(company, new_id(), company_name="Acme", user_name="Alice")
     daemon = {"Authorization": f"Bearer {token}"}
     other_company = {"Authorization": basic_auth(client.credentials.access_key, client.credentials.secret)}
     started = int(time.time())
@@ -86,6 +122,8 @@ async def fleet(make_client):
             body = {"worker": worker_id, "timestamp": moment * 1000, "machine_stats": worker.stats}
             if worker.task:
                 body["task"] = worker.task
+            if worker.queue:
+                body["queue"] = worker.queue
             await ok(client, "workers.status_report", body, headers=daemon)
         elsewhere = {"worker": "elsewhere", "timestamp": moment * 1000, "task": "x", "machine_stats": {"cpu_usage": [99]}}
         await ok(client, "workers.status_report", elsewhere, headers=other_company)
@@ -135,8 +173,11 @@ async def check_get_all(ui: WebUI, started: int) -> None:
         worker = WORKERS[entry["id"]]
         assert entry["key"]  # the page keys its rows by `key || id` and asks get_stats for `id`
         assert abs(datetime.fromisoformat(entry["last_report_time"]).timestamp() - started) < 120
-        assert entry["task"] == ({"id": worker.task} if worker.task else None)
-        assert entry["queues"] == [{"id": queue} for queue in worker.queues]
+        # "Currently running task", "Task running time", "Iteration", and the queues' names.
+        assert entry["task"] == (NAMED_TASKS[worker.task] if worker.task else None)
+        assert entry.get("project") == (NAMED_PROJECTS[worker.task] if worker.task else None)
+        assert entry["queue"] == (NAMED_QUEUES[worker.queue] if worker.queue else None)
+        assert entry["queues"] == [NAMED_QUEUES[queue] for queue in worker.queues]
         assert entry["company"]["name"] == "Acme" and entry["user"]["name"] == "Alice"
 
 

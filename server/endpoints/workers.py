@@ -8,15 +8,18 @@ from datetime import datetime
 import numpy as np
 
 from .. import errors, limits, schemas
+from ..apiserver import NO_NAMES, Names
 from ..errors import ApiError
 from ..config import Settings
-from ..keys import LIMITS, POOL, READERS, WRITER
+from ..keys import APISERVER, LIMITS, POOL, READERS, WRITER
 from ..protocol import Call, client_ip
 from ..storage import charts, registrations, rollups, statistics
 from ..storage.registrations import WorkerFilter
 from ..storage.writer import Report
 
 GET_ALL_DEFAULT_LAST_SEEN = 3600
+# In the body all_workers reads: the apiserver's names (server/apiserver.py), when asked for.
+APISERVER_NAMES = "apiserver_names"
 
 
 async def register(call: Call) -> dict:
@@ -99,7 +102,9 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def _worker_entry(row) -> dict:
+def _worker_entry(row, names: Names = NO_NAMES) -> dict:
+    """A worker as get_all answers it; its task, project and queues as `names` has them."""
+    project = names.project(row["task"]) if row["task"] else None
     return {
         "id": row["worker"],
         "key": f"worker_{row['company']}_{row['worker']}",
@@ -110,9 +115,10 @@ def _worker_entry(row) -> dict:
         "register_timeout": row["register_timeout"],
         "last_activity_time": _iso(row["last_activity_time"]),
         "last_report_time": _iso(row["last_report_time"]),
-        "task": {"id": row["task"]} if row["task"] else None,
-        "queue": {"id": row["queue"]} if row["queue"] else None,
-        "queues": [{"id": queue} for queue in row["queues"]],
+        "task": names.task(row["task"]) if row["task"] else None,
+        **({"project": project} if project is not None else {}),
+        "queue": names.queue(row["queue"]) if row["queue"] else None,
+        "queues": [names.queue(queue) for queue in row["queues"]],
         "tags": list(row["tags"]),
         "system_tags": list(row["system_tags"]),
     }
@@ -139,13 +145,29 @@ def _rounded(value: float | None) -> float | None:
 
 async def get_all(call: Call) -> dict:
     body = schemas.load(schemas.all_workers_request, call.body)
-    return await _heavy_read(call, all_workers, body)
+    names = await _apiserver_names(call, body)
+    return await _heavy_read(call, all_workers, {**body, APISERVER_NAMES: names} if names is not None else body)
+
+
+async def _apiserver_names(call: Call, body: dict) -> Names | None:
+    """Beside a ClearML server (WORKERS_APISERVER_URL), for a caller holding the apiserver's
+    token: the apiserver's names of the tasks and queues the listed workers name, asked in the
+    server process (the reader that builds the answer has no apiserver client) within
+    WORKERS_APISERVER_TIMEOUT_MS. None otherwise."""
+    apiserver, token = call.request.app[APISERVER], call.identity.apiserver_token
+    if apiserver is None or not token:
+        return None
+    company = call.identity.company
+    where = _worker_filter(body, GET_ALL_DEFAULT_LAST_SEEN)
+    task_ids, queue_ids = await registrations.named_ids(call.request.app[POOL], company, where)
+    return await apiserver.names(company, token, task_ids, queue_ids)
 
 
 async def all_workers(pool, settings: Settings, company: str, body: dict) -> dict:
     health = settings.health if body["health"] else None
     rows = await registrations.find(pool, company, _worker_filter(body, GET_ALL_DEFAULT_LAST_SEEN), health)
-    workers = [_worker_entry(row) for row in rows]
+    names = body.get(APISERVER_NAMES, NO_NAMES)
+    workers = [_worker_entry(row, names) for row in rows]
     if health is None:
         return {"workers": workers}
     for worker, row in zip(workers, rows):

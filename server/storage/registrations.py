@@ -160,6 +160,15 @@ ORDER BY r.worker
 
 _COUNT = f"SELECT count(*) FROM worker_registrations AS r WHERE {_FILTER}"
 
+# The tasks and queues (`queue` and `queues`) the matching workers name, each once.
+_NAMED_IDS = f"""
+WITH listed AS (SELECT r.task, r.queue, r.queues FROM worker_registrations AS r WHERE {_FILTER})
+SELECT ARRAY(SELECT DISTINCT task FROM listed WHERE task <> '' ORDER BY 1) AS tasks,
+       ARRAY(SELECT DISTINCT named.queue
+             FROM (SELECT queue FROM listed UNION ALL SELECT unnest(queues) FROM listed) AS named
+             WHERE named.queue <> '' ORDER BY 1) AS queues
+"""
+
 _DELETE_EXPIRED = "DELETE FROM worker_registrations WHERE expires_at <= now()"
 
 # Per company with live registrations: live and silent workers, their GPUs and the idle ones
@@ -244,6 +253,12 @@ async def find(db, company: str, where: WorkerFilter, health: HealthRules | None
 
 async def count(db, company: str, where: WorkerFilter) -> int:
     return await db.fetchval(_COUNT, company, *where.arguments())
+
+
+async def named_ids(db, company: str, where: WorkerFilter) -> tuple[list[str], list[str]]:
+    """The ids of the tasks and of the queues that the workers `find` lists name."""
+    row = await db.fetchrow(_NAMED_IDS, company, *where.arguments())
+    return row["tasks"], row["queues"]
 
 
 async def health_counts(db, health: HealthRules) -> list[asyncpg.Record]:
