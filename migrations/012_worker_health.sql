@@ -58,30 +58,35 @@ RETURN CASE
 END;
 
 -- Each live registration's health: `silent` when its last report is older than
--- `silent_periods` of its report periods (from `silent_since` on); never before its period is
--- known. The server, its /metrics and the Grafana alert rules all read it.
-CREATE FUNCTION worker_health(silent_periods float8)
+-- `silent_periods` of its report periods (from `silent_since` on), never before its period is
+-- known; per GPU of its last report (`gpu_idle_since`'s order), `gpu_idle` when every report
+-- of the last `idle_gpu_minutes` had it below the threshold and the worker is not silent (of a
+-- silent worker's GPUs nothing is known since its last report). The server, its /metrics and
+-- the Grafana alert rules all read it, or worker_gpu_health below.
+CREATE FUNCTION worker_health(silent_periods float8, idle_gpu_minutes float8)
 RETURNS TABLE (company text, worker text, last_report_time timestamptz, report_period float8,
                silent_since timestamptz, silent boolean, cpu_usage float8, gpu_usage float8,
-               gpu_idle_since timestamptz[])
+               gpu_idle_since timestamptz[], gpu_idle boolean[])
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-SELECT r.company, r.worker, r.last_report_time, r.report_period, s.since, coalesce(s.since < now(), false),
-       r.cpu_usage, r.gpu_usage, r.gpu_idle_since
+SELECT r.company, r.worker, r.last_report_time, r.report_period, s.since, s.silent, r.cpu_usage, r.gpu_usage,
+       coalesce(r.gpu_idle_since, '{}'),
+       ARRAY(SELECT coalesce(NOT s.silent AND r.report_period IS NOT NULL
+                             AND g.since <= now() - make_interval(secs => idle_gpu_minutes * 60), false)
+             FROM unnest(r.gpu_idle_since) WITH ORDINALITY AS g (since, i) ORDER BY g.i)
 FROM worker_registrations AS r
-CROSS JOIN LATERAL (SELECT r.last_report_time + make_interval(secs => silent_periods * r.report_period)) AS s (since)
+CROSS JOIN LATERAL (
+    SELECT t.since, coalesce(t.since < now(), false)
+    FROM (SELECT r.last_report_time + make_interval(secs => silent_periods * r.report_period)) AS t (since)
+) AS s (since, silent)
 WHERE r.expires_at > now()
 $$;
 
--- Each GPU of a live registration's last report (`gpu` counts from 0, as the reports' lists
--- do): below the idle threshold in every report since `below_threshold_since` (NULL: not in
--- the last one); `idle` when that is at least `idle_gpu_minutes` ago and the worker is not
--- silent (of a silent worker's GPUs nothing is known since its last report).
+-- A row per GPU of worker_health's (`gpu` counts from 0, as the reports' lists do): below the
+-- idle threshold in every report since `below_threshold_since` (NULL: not in the last one).
 CREATE FUNCTION worker_gpu_health(silent_periods float8, idle_gpu_minutes float8)
 RETURNS TABLE (company text, worker text, gpu integer, below_threshold_since timestamptz, idle boolean)
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-SELECT h.company, h.worker, g.i::integer - 1, g.since,
-       coalesce(h.report_period IS NOT NULL AND NOT h.silent
-                AND g.since <= now() - make_interval(secs => idle_gpu_minutes * 60), false)
-FROM worker_health(silent_periods) AS h
-CROSS JOIN LATERAL unnest(h.gpu_idle_since) WITH ORDINALITY AS g (since, i)
+SELECT h.company, h.worker, g.i::integer - 1, g.since, g.idle
+FROM worker_health(silent_periods, idle_gpu_minutes) AS h
+CROSS JOIN LATERAL unnest(h.gpu_idle_since, h.gpu_idle) WITH ORDINALITY AS g (since, idle, i)
 $$;

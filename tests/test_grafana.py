@@ -363,9 +363,7 @@ def test_the_alert_rules_are_provisioned_as_grafana_reads_them():
         assert query["model"]["format"] == "table" and query["relativeTimeRange"]["from"] > 0
         assert rule["noDataState"] == "OK"  # no row: nobody silent, no GPU idle
         # The rules say the settings' defaults, as their comment says
-        assert f"worker_health({defaults.silent_periods:g})" in sql or (
-            f"worker_gpu_health({defaults.silent_periods:g}, {defaults.idle_gpu_minutes:g})" in sql
-        )
+        assert f"health({defaults.silent_periods:g}, {defaults.idle_gpu_minutes:g})" in sql
 
 
 # --- provisioning -----------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def _health_entry(row) -> dict:
         "gpu_usage": _rounded(row["gpu_usage"]),
         "gpus": [
             {"index": index, "idle": idle, "below_threshold_since": _iso(since)}
-            for index, since, idle in zip(row["gpus"], row["gpus_below_since"], row["gpus_idle"])
+            for index, (since, idle) in enumerate(zip(row["gpu_idle_since"], row["gpu_idle"]))
         ],
     }
 

@@ -139,21 +139,14 @@ WHERE {_FILTER}
 ORDER BY r.worker
 """
 
-# With each worker's health (migrations/012): $8 silent periods, $9 idle GPU minutes; its GPUs
-# as arrays in the order of their index.
+# With each worker's health (migrations/012): $8 silent periods, $9 idle GPU minutes.
 _FIND_WITH_HEALTH = f"""
 SELECT {_WORKER_COLUMNS},
-       h.report_period, h.silent_since, h.silent, h.cpu_usage, h.gpu_usage,
-       coalesce(g.gpus, '{{}}') AS gpus, coalesce(g.below_since, '{{}}') AS gpus_below_since,
-       coalesce(g.idle, '{{}}') AS gpus_idle
+       h.report_period, h.silent_since, h.silent, h.cpu_usage, h.gpu_usage, h.gpu_idle_since, h.gpu_idle
 FROM worker_registrations AS r
 JOIN companies AS c ON c.id = r.company
 LEFT JOIN users AS u ON u.company = r.company AND u.id = r.user_id
-JOIN worker_health($8) AS h ON h.company = r.company AND h.worker = r.worker
-LEFT JOIN (
-    SELECT worker, array_agg(gpu ORDER BY gpu), array_agg(below_threshold_since ORDER BY gpu), array_agg(idle ORDER BY gpu)
-    FROM worker_gpu_health($8, $9) WHERE company = $1 GROUP BY worker
-) AS g (worker, gpus, below_since, idle) ON g.worker = r.worker
+JOIN worker_health($8, $9) AS h ON h.company = r.company AND h.worker = r.worker
 WHERE {_FILTER}
 ORDER BY r.worker
 """
@@ -174,11 +167,10 @@ _DELETE_EXPIRED = "DELETE FROM worker_registrations WHERE expires_at <= now()"
 # Per company with live registrations: live and silent workers, their GPUs and the idle ones
 # ($1 silent periods, $2 idle GPU minutes).
 _HEALTH_COUNTS = """
-SELECT company, sum(live)::integer AS live, sum(silent)::integer AS silent,
-       sum(gpus)::integer AS gpus, sum(idle_gpus)::integer AS idle_gpus
-FROM (SELECT company, 1 AS live, silent::integer AS silent, 0 AS gpus, 0 AS idle_gpus FROM worker_health($1)
-      UNION ALL
-      SELECT company, 0, 0, 1, idle::integer FROM worker_gpu_health($1, $2)) AS counted
+SELECT company, count(*)::integer AS live, count(*) FILTER (WHERE silent)::integer AS silent,
+       sum(cardinality(gpu_idle))::integer AS gpus,
+       sum(cardinality(array_positions(gpu_idle, true)))::integer AS idle_gpus
+FROM worker_health($1, $2)
 GROUP BY company
 ORDER BY company
 """
