@@ -1,4 +1,5 @@
-"""The SQL of the provisioned Grafana dashboards, expanded the way Grafana expands it.
+"""The SQL of the provisioned Grafana dashboards and alert rules, expanded the way Grafana
+expands it.
 
 Grafana cannot run here, so the tests and the benchmark run the panels' SQL themselves.
 A panel's query goes through two expansions before it reaches PostgreSQL:
@@ -16,7 +17,9 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-DASHBOARDS = Path(__file__).resolve().parents[1] / "grafana" / "dashboards"
+GRAFANA = Path(__file__).resolve().parents[1] / "grafana"
+DASHBOARDS = GRAFANA / "dashboards"
+ALERTING = GRAFANA / "provisioning" / "alerting"
 
 _VARIABLE = re.compile(r"\$(\w+)|\[\[(\w+)(?::(\w+))?\]\]|\$\{(\w+)(?::([^}]+))?\}")
 _MACRO = re.compile(r"\$(\w+)\(([^)]*)\)")
@@ -26,6 +29,22 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 def dashboards() -> dict[str, dict]:
     """File name -> dashboard of every dashboard kept in grafana/dashboards/."""
     return {path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS.glob("*.json"))}
+
+
+def alert_rules() -> list[dict]:
+    """Every alert rule of the provisioning files in grafana/provisioning/alerting/."""
+    import yaml
+
+    found = []
+    for path in sorted(ALERTING.glob("*.y*ml")):
+        for group in yaml.safe_load(path.read_text()).get("groups", []):
+            found.extend(group["rules"])
+    return found
+
+
+def rule_queries(rule: dict) -> list[tuple[str, str]]:
+    """(refId, raw SQL) of each of a rule's data source queries (not its expressions)."""
+    return [(item["refId"], item["model"]["rawSql"]) for item in rule["data"] if item["model"].get("rawSql")]
 
 
 def panels(dashboard: dict) -> list[tuple[str, str]]:

@@ -35,6 +35,8 @@ async def _database(app: web.Application):
         queue_limit=settings.writer_queue_limit,
         answer_timeout=settings.writer_answer_timeout,
         metrics=app[METRICS],
+        idle_gpu_percent=settings.idle_gpu_percent,
+        utilisation_seconds=settings.utilisation_minutes * 60,
     )
     await writer.start()
     app[POOL], app[WRITER] = pool, writer
@@ -73,7 +75,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[ENDPOINTS_KEY] = ENDPOINTS
     app[LIMITS] = Limits(settings)
-    app[METRICS] = metrics.create(ENDPOINTS) if settings.metrics else None
+    app[METRICS] = metrics.create(ENDPOINTS, settings.metrics_per_company) if settings.metrics else None
     app[REQUEST_OBSERVER] = metrics.RequestObserver(app[METRICS], ENDPOINTS) if settings.metrics else None
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_background)

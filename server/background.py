@@ -21,7 +21,7 @@ import asyncpg
 
 from .config import Settings
 from .limits import Limits
-from .metrics import Metrics
+from .metrics import Metrics, set_health
 from .storage import compaction, registrations, rollups, runtime_properties, statistics
 from .storage.compaction import CompactionResult
 from .storage.refresh import Refresher, RefreshResult
@@ -35,9 +35,11 @@ WATERMARK_MARGIN = 0.5  # seconds after the watermark can move that the refreshe
 LAG_SAMPLE_SECONDS = 0.1
 
 
-async def sweep_expired(pool: asyncpg.Pool, metrics: Metrics | None = None) -> int:
-    """Delete expired registrations and runtime properties; count the live registrations
-    for the metrics. Returns the registrations deleted."""
+async def sweep_expired(
+    pool: asyncpg.Pool, metrics: Metrics | None = None, health: registrations.HealthRules = registrations.HealthRules()
+) -> int:
+    """Delete expired registrations and runtime properties; count the live registrations,
+    the silent ones and the idle GPUs for the metrics. Returns the registrations deleted."""
     deleted = await registrations.delete_expired(pool)
     if deleted:
         log.info("expired %d worker registrations", deleted)
@@ -45,7 +47,7 @@ async def sweep_expired(pool: asyncpg.Pool, metrics: Metrics | None = None) -> i
     if properties:
         log.info("expired %d runtime properties", properties)
     if metrics is not None:
-        metrics.registered_workers.set(await registrations.count_live(pool))
+        set_health(metrics, await registrations.health_counts(pool, health))
     return deleted
 
 
@@ -174,7 +176,9 @@ def start(pool: asyncpg.Pool, settings: Settings, metrics: Metrics | None, limit
             name="limits-refresh",
         ),
         asyncio.create_task(
-            _every(settings.expiry_sweep_seconds, lambda: sweep_expired(pool, metrics), "expiry sweep"),
+            _every(
+                settings.expiry_sweep_seconds, lambda: sweep_expired(pool, metrics, settings.health), "expiry sweep"
+            ),
             name="expiry-sweep",
         ),
         asyncio.create_task(

@@ -3,6 +3,7 @@
 import os
 from dataclasses import dataclass, fields
 
+from .storage.registrations import HealthRules
 from .storage.rollups import Retention
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:55432/workers"
@@ -103,6 +104,21 @@ class Settings:
     writer_gather_ms: float = 25.0
     writer_queue_limit: int = 10_000
     writer_answer_timeout: float = 10.0
+    # Worker health (docs/health.md): a worker is silent when its last report is older than
+    # silent_periods of its own report periods; a GPU is idle when every report of the last
+    # idle_gpu_minutes had it below idle_gpu_percent; the usage means behind the busiest and
+    # idlest workers weigh the reports of about the last utilisation_minutes (a time constant).
+    # metrics_per_company: /metrics has the counts per company too.
+    silent_periods: float = 3.0
+    idle_gpu_percent: float = 5.0
+    idle_gpu_minutes: float = 30.0
+    utilisation_minutes: float = 10.0
+    metrics_per_company: bool = False
+
+    def __post_init__(self):
+        for name in ("silent_periods", "idle_gpu_minutes", "utilisation_minutes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"WORKERS_{name.upper()} must be greater than 0")
 
     @property
     def retention(self) -> Retention:
@@ -114,6 +130,10 @@ class Settings:
                 "1h": self.rollup_1h_retention_days,
             },
         )
+
+    @property
+    def health(self) -> HealthRules:
+        return HealthRules(silent_periods=self.silent_periods, idle_gpu_minutes=self.idle_gpu_minutes)
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Settings":
@@ -129,4 +149,7 @@ class Settings:
             except ValueError as error:
                 raise SystemExit(f"WORKERS_{field.name.upper()}: {error}") from None
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None

@@ -12,7 +12,7 @@ directory is set.
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -49,17 +49,43 @@ class Metrics:
     commit_seconds: Any
     database_errors: Any
     registered_workers: Any
+    silent_workers: Any
+    gpus: Any
+    idle_gpus: Any
+    company_health: dict[str, Any] | None  # WORKERS_METRICS_PER_COMPANY: the gauges above per company
     event_loop_lag: Any
     reads_waiting: Any
     reads_refused: Any
     read_wait_seconds: Any
     apiserver_lookups_failed: Any
+    companies_counted: set[str] = field(default_factory=set)  # those of the per-company gauges
 
 
-def create(known_endpoints) -> Metrics:
+# The fleet's health (docs/health.md), set by every expiry sweep: (name, help) of each count,
+# by the column of registrations.health_counts that holds it.
+HEALTH_GAUGES = {
+    "live": ("registered_workers", "Live worker registrations"),
+    "silent": ("silent_workers", "Live workers silent for WORKERS_SILENT_PERIODS of their report periods"),
+    "gpus": ("gpus", "GPUs of live workers, as their reports list them"),
+    "idle_gpus": ("idle_gpus", "GPUs of live workers below WORKERS_IDLE_GPU_PERCENT for WORKERS_IDLE_GPU_MINUTES"),
+}
+
+
+def create(known_endpoints, per_company: bool = False) -> Metrics:
+    """The server's metrics; `per_company`: the health counts per company too (a series per
+    company and count)."""
     import prometheus_client as prom
 
     registry = prom.CollectorRegistry()
+
+    def health_gauge(column: str, labels=()):
+        name, text = HEALTH_GAUGES[column]
+        prefix, scope = ("workers_company_", "by company") if labels else ("workers_", "every company")
+        return prom.Gauge(
+            prefix + name, f"{text} ({scope}), as of the last expiry sweep", list(labels),
+            registry=registry, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+
     metrics = Metrics(
         registry=registry,
         requests=prom.Counter(
@@ -106,12 +132,11 @@ def create(known_endpoints) -> Metrics:
             ["kind"],
             registry=registry,
         ),
-        registered_workers=prom.Gauge(
-            "workers_registered_workers",
-            "Live worker registrations (every company), as of the last expiry sweep",
-            registry=registry,
-            multiprocess_mode="livemostrecent",
-        ),
+        registered_workers=health_gauge("live"),
+        silent_workers=health_gauge("silent"),
+        gpus=health_gauge("gpus"),
+        idle_gpus=health_gauge("idle_gpus"),
+        company_health={column: health_gauge(column, ["company"]) for column in HEALTH_GAUGES} if per_company else None,
         event_loop_lag=prom.Histogram(
             "workers_event_loop_lag_seconds",
             "How late a server process's event loop woke a timer (sampled every 0.1 s): how long "
@@ -158,6 +183,24 @@ def create(known_endpoints) -> Metrics:
     for cause in APISERVER_FAILURE_CAUSES:
         metrics.apiserver_lookups_failed.labels(cause)
     return metrics
+
+
+def set_health(metrics: Metrics, counts) -> None:
+    """The health gauges from registrations.health_counts' rows (per company with live
+    workers). A company no longer among them is set to 0: with several server processes a
+    series cannot be removed."""
+    for column, (name, _) in HEALTH_GAUGES.items():
+        getattr(metrics, name).set(sum(row[column] for row in counts))
+    if metrics.company_health is None:
+        return
+    present = {row["company"] for row in counts}
+    for row in counts:
+        for column, gauge in metrics.company_health.items():
+            gauge.labels(row["company"]).set(row[column])
+    for company in metrics.companies_counted - present:
+        for gauge in metrics.company_health.values():
+            gauge.labels(company).set(0)
+    metrics.companies_counted.update(present)
 
 
 def count_database_error(metrics: Metrics | None, kind: str) -> None:

@@ -26,7 +26,7 @@ OPERATIONS = {
     "workers.register": (schemas.register_request, "Register a worker (again: refresh its registration)"),
     "workers.unregister": (schemas.unregister_request, "Unregister a worker"),
     "workers.status_report": (None, "Report a worker's status and machine statistics"),
-    "workers.get_all": (schemas.worker_filter_request, "The registered workers, filtered"),
+    "workers.get_all": (schemas.all_workers_request, "The registered workers, filtered"),
     "workers.get_count": (schemas.worker_filter_request, "How many registered workers match the filter"),
     "workers.get_metric_keys": (schemas.metric_keys_request, "The metric keys the workers reported"),
     "workers.get_stats": (schemas.stats_request, "Statistics of workers' metrics over time, in buckets"),

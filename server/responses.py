@@ -74,6 +74,34 @@ class QueueInfo(Strict):
     )
 
 
+class GpuHealth(Strict):
+    index = fields.Integer(metadata={"description": "the GPU's index in the reports' lists"}, required=True)
+    idle = fields.Boolean(required=True)
+    below_threshold_since = fields.DateTime(
+        allow_none=True,
+        metadata={"description": "every report since had it below the idle threshold; null: not the last one"},
+        required=True,
+    )
+
+
+class WorkerHealth(Strict):
+    report_period = fields.Float(
+        allow_none=True, metadata={"description": "seconds between its reports, estimated"}, required=True
+    )
+    silent = fields.Boolean(required=True)
+    silent_since = fields.DateTime(allow_none=True, required=True)
+    cpu_usage = fields.Float(allow_none=True, metadata={"description": "percent, recent mean"}, required=True)
+    gpu_usage = fields.Float(allow_none=True, metadata={"description": "percent, recent mean"}, required=True)
+    gpus = fields.List(fields.Nested(GpuHealth), required=True)
+
+
+class HealthRules(Strict):
+    silent_periods = fields.Float(required=True)
+    idle_gpu_percent = fields.Float(required=True)
+    idle_gpu_minutes = fields.Float(required=True)
+    utilisation_minutes = fields.Float(required=True)
+
+
 class Worker(Strict):
     id = fields.String(required=True)
     key = fields.String(required=True)
@@ -90,10 +118,12 @@ class Worker(Strict):
     queues = fields.List(fields.Nested(QueueInfo), required=True)
     tags = fields.List(fields.String(), required=True)
     system_tags = fields.List(fields.String(), required=True)
+    health = fields.Nested(WorkerHealth, metadata={"description": "extension: only with `health: true`"})
 
 
 class Workers(Strict):
     workers = fields.List(fields.Nested(Worker), required=True)
+    health = fields.Nested(HealthRules, metadata={"description": "extension: only with `health: true`"})
 
 
 class Count(Strict):

@@ -258,6 +258,16 @@ class WorkerFilterRequest(RequestSchema):
     worker_pattern = Text()
 
 
+class AllWorkersRequest(WorkerFilterRequest):
+    health = Boolean(
+        load_default=False,
+        metadata={
+            "description": "extension: each worker's `health` too (its report period, whether it is silent, its "
+            "recent CPU and GPU usage, which of its GPUs are idle), and the rules that decide it"
+        },
+    )
+
+
 class MetricKeysRequest(RequestSchema):
     worker_ids = TextList()
 
@@ -352,6 +362,7 @@ login_request = LoginRequest()
 register_request = RegisterRequest()
 unregister_request = UnregisterRequest()
 worker_filter_request = WorkerFilterRequest()
+all_workers_request = AllWorkersRequest()
 metric_keys_request = MetricKeysRequest()
 activity_request = ActivityRequest()
 stats_request = StatsRequest()

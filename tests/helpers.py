@@ -209,3 +209,37 @@ async def refresh_rollups(dsn: str, retention=None, lag: float = 0):
     while (done := await background.refresh_rollups(dsn, settings)) is None:
         await asyncio.sleep(0.05)
     return done
+
+
+async def pass_time(conn, seconds: float, workers: list[str] | None = None) -> None:
+    """As if `seconds` had passed since every registration's times (reads compare them with the
+    database's now()), or only those of `workers`: each moved that much into the past, the
+    health columns' included."""
+    await conn.execute(
+        """UPDATE worker_registrations SET
+               register_time = register_time - make_interval(secs => $1),
+               last_activity_time = last_activity_time - make_interval(secs => $1),
+               last_report_time = last_report_time - make_interval(secs => $1),
+               expires_at = expires_at - make_interval(secs => $1),
+               gpu_idle_since = CASE WHEN gpu_idle_since IS NOT NULL THEN ARRAY(
+                   SELECT t - make_interval(secs => $1) FROM unnest(gpu_idle_since) WITH ORDINALITY AS u (t, i) ORDER BY i)
+               END
+           WHERE $2::text[] IS NULL OR worker = ANY($2::text[])""",
+        float(seconds),
+        workers,
+    )
+
+
+async def health_fleet(client, conn) -> None:
+    """Reports every minute for 35 minutes (time passing by `pass_time`): `busy` (GPUs at 80 and
+    1 %), `idle` (two GPUs at 0 %), `cpu` (no GPU) and `dead`, which stopped 5 minutes ago (its
+    GPU at 0 %): `dead` is silent, and GPU 1 of `busy` and both of `idle` are idle."""
+    stats = {"busy": {"gpu_usage": [80, 1]}, "idle": {"gpu_usage": [0, 0]}, "cpu": {"cpu_usage": [5]},
+             "dead": {"gpu_usage": [0]}}  # fmt: skip
+    for minute in range(36):
+        if minute:
+            await pass_time(conn, 60)
+        for worker, machine_stats in stats.items():
+            if worker != "dead" or minute <= 30:
+                body = {"worker": worker, "timestamp": now_ms(), "machine_stats": machine_stats}
+                await ok(client, "workers.status_report", body)

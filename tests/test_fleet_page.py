@@ -23,11 +23,12 @@ from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
 from conftest import ROOT, TEST_SETTINGS, create_credentials, empty_tables
-from helpers import Credentials, basic_auth, fetch, set_database_open
+from helpers import Credentials, basic_auth, fetch, pass_time, set_database_open
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -743,6 +744,80 @@ def test_a_phone_sized_window(browser, fleet):
         browser.set_window_size(1280, 900)
     activity = figures(browser, "activity-chart")[""]
     wait(browser, lambda: canvas_size(activity)[0] > 1000, "charts as wide as the window again")
+
+
+# Three more workers for the health test: 31 minutes of reports a minute apart (for them alone,
+# time passes by pass_time), after which dead-1 stops for 200 s: more than 3 of its periods.
+HEALTH_STATS = {
+    "quiet-1": {"cpu_usage": [0, 0], "gpu_usage": [0, 80]},
+    "hot-1": {"cpu_usage": [100, 100], "gpu_usage": [100]},
+    "dead-1": {"cpu_usage": [100], "gpu_usage": [0]},
+}
+
+
+async def report_health_workers(fleet) -> None:
+    conn = await asyncpg.connect(fleet.dsn)
+    headers = {"Authorization": basic_auth(fleet.caller.access_key, fleet.caller.secret)}
+    try:
+        async with aiohttp.ClientSession(headers=headers) as session:
+            for minute in range(31):
+                if minute:
+                    await pass_time(conn, 60, list(HEALTH_STATS))
+                for worker, stats in HEALTH_STATS.items():
+                    body = {"worker": worker, "timestamp": int(time.time() * 1000), "machine_stats": stats}
+                    assert await post(session, fleet.url, "workers.status_report", body) == 200
+            await pass_time(conn, 200, ["dead-1"])
+    finally:
+        await conn.close()
+
+
+def health_items(driver, list_id: str) -> list[list[str]]:
+    return [[text_of(part) for part in item.find_elements(By.TAG_NAME, "span")]
+            for item in driver.find_elements(By.CSS_SELECTOR, f"#{list_id} li")]
+
+
+def test_silent_workers_idle_gpus_and_the_busiest_and_idlest(browser, fleet):
+    signed_in(browser, fleet)
+    try:
+        asyncio.run(report_health_workers(fleet))
+        silent = lambda: [text_of(row.find_element(By.CSS_SELECTOR, "td.worker"))  # noqa: E731
+                          for row in browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr.silent")]
+        wait(browser, lambda: silent() == ["dead-1"], "dead-1 marked silent, and no other worker")
+        row = browser.find_element(By.XPATH, "//tbody/tr[td[@class='worker' and text()='dead-1']]")
+        cell = row.find_elements(By.TAG_NAME, "td")[2]
+        assert re.fullmatch(r"silent 3 min ago", text_of(cell)), text_of(cell)
+        assert text_of(cell.find_element(By.CSS_SELECTOR, ".silent-mark")) == "silent"
+        title = cell.get_attribute("title")
+        assert title.startswith("Silent since ") and "no report for 3 of its report periods" in title, title
+        assert "it reports every ~60 s" in title
+        counter = browser.find_element(By.ID, "silent-count")
+        assert counter.is_displayed() and counter.text == "1 silent"
+        counter.click()  # the silent first
+        assert shown_ids(browser)[0] == "dead-1"
+        header = browser.find_element(By.CSS_SELECTOR, "th[data-sort='last_report']")
+        assert header.get_attribute("aria-sort") == "ascending"
+
+        # GPU 0 of quiet-1 alone is idle: its GPU 1 is busy, dead-1's is not known since it went
+        # silent, and the demo machines' GPUs were first reported less than 30 minutes ago.
+        wait(browser, lambda: [item[:2] for item in health_items(browser, "idle-gpus")] == [["quiet-1", "GPU 0"]],
+             "the idle GPUs")
+        assert re.fullmatch(r"3[01] min", health_items(browser, "idle-gpus")[0][2])
+        assert "of" in browser.find_element(By.ID, "idle-gpu-count").text
+        # The busiest and idlest: dead-1 (at 100 %) is left out, being silent.
+        assert health_items(browser, "busiest-cpu")[0] == ["hot-1", "100 %"]
+        assert health_items(browser, "busiest-gpu")[0] == ["hot-1", "100 %"]
+        assert health_items(browser, "idlest-cpu")[0] == ["quiet-1", "0.0 %"]
+        for list_id in ("busiest-cpu", "idlest-cpu", "busiest-gpu", "idlest-gpu"):
+            items = health_items(browser, list_id)
+            assert 0 < len(items) <= 5 and "dead-1" not in [item[0] for item in items], list_id
+        rules = browser.find_element(By.ID, "health-rules").text
+        assert "no report for 3 of its own report periods" in rules and "below 5 % in every report for 30 min" in rules
+    finally:
+        for worker in HEALTH_STATS:
+            fetch(fleet.url + "workers.unregister", method="POST", body=orjson.dumps({"worker": worker}),
+                  headers={"Authorization": basic_auth(fleet.caller.access_key, fleet.caller.secret)})
+        browser.find_element(By.CSS_SELECTOR, "th[data-sort='id'] button").click()
+    wait(browser, lambda: not browser.find_element(By.ID, "silent-count").is_displayed(), "no silent worker left")
 
 
 def test_an_ended_session_signs_out(browser, fleet):

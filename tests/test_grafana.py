@@ -12,6 +12,7 @@ unregistered. The expected rows are computed from the same reports.
 import asyncio
 import json
 import re
+import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.grafana_sql import dashboards, expand, panels
-from helpers import ok, refresh_rollups
+from bench.grafana_sql import ALERTING, alert_rules, dashboards, expand, panels, rule_queries
+from helpers import health_fleet, now_ms, ok, refresh_rollups
+from server.config import Settings
 from server.grafana import role_name
 from server.keys import SETTINGS
 from server.storage import rollups
@@ -303,6 +305,65 @@ def relations(node: dict) -> set[str]:
     for child in node.get("Plans", []):
         found |= relations(child)
     return found
+
+
+# --- the alert rules ------------------------------------------------------------------------
+
+
+def alert_sql(rule: dict) -> str:
+    (query,) = rule_queries(rule)
+    return expand(query[1], time_from=time.time() - 600, time_to=time.time(), interval_seconds=60, variables={})
+
+
+async def test_the_alert_rules_find_the_silent_workers_and_idle_gpus(make_client, db_conn):
+    """Run as Grafana runs them, against a fleet where `dead` stopped reporting and three GPUs
+    idled for 35 minutes (helpers.health_fleet), beside a company whose worker is fine."""
+    client = await make_client(company="acme")
+    other = await make_client(company="other")
+    await health_fleet(client, db_conn)
+    await ok(other, "workers.status_report", {"worker": "dead", "timestamp": now_ms(), "machine_stats": {"gpu_usage": [0]}})
+    rules = {rule["title"]: rule for rule in alert_rules()}
+    assert set(rules) == {"Silent worker", "Idle GPU"}
+
+    silent = await db_conn.fetch(alert_sql(rules["Silent worker"]))
+    assert [(row["company"], row["worker"]) for row in silent] == [("acme", "dead")]
+    assert 5 * 60 <= silent[0]["seconds_since_report"] < 5 * 60 + 30
+    idle = await db_conn.fetch(alert_sql(rules["Idle GPU"]))
+    assert sorted((row["company"], row["worker"], row["gpu"]) for row in idle) == [
+        ("acme", "busy", "1"), ("acme", "idle", "0"), ("acme", "idle", "1"),
+    ]  # fmt: skip
+    assert all(35 <= row["idle_minutes"] < 36 for row in idle)
+    # What Grafana makes an alert of: text columns as its labels, one number as its value
+    for rule, rows in ((rules["Silent worker"], silent), (rules["Idle GPU"], idle)):
+        for row in rows:
+            kinds = [type(value) for value in row.values()]
+            assert kinds.count(float) == 1 and kinds.count(str) == len(kinds) - 1
+        for text in rule["annotations"].values():
+            assert set(re.findall(r"\$labels\.(\w+)", text)) <= set(rows[0].keys())
+
+
+def test_the_alert_rules_are_provisioned_as_grafana_reads_them():
+    provisioning = ROOT / "grafana" / "provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources" / "workers.yml").read_text())["datasources"]
+    assert ALERTING.parent == provisioning  # mounted with it: test_provisioning_points_the_dashboards_...
+    (document,) = [yaml.safe_load(path.read_text()) for path in ALERTING.glob("*.yml")]
+    assert document["apiVersion"] == 1
+    rules = alert_rules()
+    assert len({rule["uid"] for rule in rules}) == len(rules) == 2
+    defaults = Settings()
+    for rule in rules:
+        data = {item["refId"]: item for item in rule["data"]}
+        assert rule["condition"] in data
+        condition = data[rule["condition"]]
+        assert condition["datasourceUid"] == "__expr__" and condition["model"]["type"] == "threshold"
+        (query_id, sql), = rule_queries(rule)
+        assert condition["model"]["expression"] == query_id
+        query = data[query_id]
+        assert query["datasourceUid"] == query["model"]["datasource"]["uid"] == source["uid"]
+        assert query["model"]["format"] == "table" and query["relativeTimeRange"]["from"] > 0
+        assert rule["noDataState"] == "OK"  # no row: nobody silent, no GPU idle
+        # The rules say the settings' defaults, as their comment says
+        assert f"health({defaults.silent_periods:g}, {defaults.idle_gpu_minutes:g})" in sql
 
 
 # --- provisioning -----------------------------------------------------------------------------

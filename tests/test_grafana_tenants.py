@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from helpers import ROOT, ok, refresh_rollups, with_database
+from helpers import ROOT, now_ms, ok, pass_time, refresh_rollups, with_database
 
-from bench.grafana_sql import dashboards, expand, panels
+from bench.grafana_sql import alert_rules, dashboards, expand, panels, rule_queries
 from server.grafana import scram_sha256_verifier
 from server.storage import db, grafana_roles
 
@@ -341,6 +341,31 @@ async def test_the_company_picker_lists_the_readers_company_alone(readers, fleet
         assert [tuple(row) for row in await reader.fetch(picker)] == [(who, fleets[who])]
 
 
+async def test_the_alert_rules_answer_a_reader_its_company_alone(readers, fleets, make_client, db_conn):
+    """Each company gets a worker whose GPU has idled for 31 minutes (time passing for it alone);
+    the fleets' other workers are silent by now (their reports came milliseconds apart)."""
+    for name in WORKERS:
+        client = await make_client(company=name)
+        for minute in range(32):
+            if minute:
+                await pass_time(db_conn, 60, [f"{name}-idle"])
+            body = {"worker": f"{name}-idle", "timestamp": now_ms(), "machine_stats": {"gpu_usage": [0]}}
+            await ok(client, "workers.status_report", body)
+    expected = {
+        "Silent worker": {("alpha", "shared"), ("alpha", "alpha-1")},
+        "Idle GPU": {("alpha", "alpha-idle", "0")},
+    }
+    reader, nobody = await readers("alpha"), await readers("nobody")
+    for rule in alert_rules():
+        ((_, sql),) = rule_queries(rule)
+        sql = expand(sql, time_from=time.time() - 600, time_to=time.time(), interval_seconds=60, variables={})
+        labels = lambda rows: {tuple(v for v in row.values() if isinstance(v, str)) for row in rows}  # noqa: E731
+        assert labels(await reader.fetch(sql)) == expected[rule["title"]], rule["title"]
+        every = labels(await db_conn.fetch(sql))
+        assert {row[0] for row in every} == {"alpha", "beta"}, rule["title"]  # there is beta's to hide
+        assert await nobody.fetch(sql) == [], rule["title"]
+
+
 # --- the migration and the command ----------------------------------------------------------------
 
 
@@ -471,7 +496,7 @@ async def test_without_the_right_to_set_up_readers_the_migration_says_so_and_gra
     conn.add_log_listener(lambda _, message: notices.append(message.message))
     try:
         applied = await db.migrate(conn)
-        assert "010_grafana_readers.sql" in applied
+        assert "010_grafana_readers.sql" in applied  # (later migrations may follow it)
         assert any(notice.startswith("Grafana reader roles not set up") for notice in notices), notices
         # Nothing granted (but each role's own row of grafana_roles): the tenant_* views are
         # the owner's, who bypasses the policies.

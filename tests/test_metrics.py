@@ -6,7 +6,9 @@ import os
 import asyncpg
 import pytest
 from conftest import create_credentials
-from helpers import basic_auth, call, fetch, free_port, now_ms, ok, start_server, stop_server, wait_until_ready
+from helpers import (
+    basic_auth, call, fetch, free_port, health_fleet, now_ms, ok, start_server, stop_server, wait_until_ready,
+)  # fmt: skip
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -66,6 +68,50 @@ async def test_live_registered_workers(make_client, db_conn):
     await asyncio.sleep(1.5)  # past "gone"'s timeout, and several expiry sweeps (0.2 s in tests)
     found = await scrape(client)
     assert found[("workers_registered_workers", ())] == 3
+
+
+HEALTH = ("workers_registered_workers", "workers_silent_workers", "workers_gpus", "workers_idle_gpus")
+
+
+async def swept(client, wanted: dict) -> dict:
+    """A scrape once the expiry sweep (every 0.2 s in tests) has counted what is wanted."""
+    for _ in range(50):
+        found = await scrape(client)
+        if all(found.get(key) == value for key, value in wanted.items()):
+            return found
+        await asyncio.sleep(0.1)
+    return found
+
+
+async def test_silent_workers_and_idle_gpus(make_client, db_conn):
+    client = await make_client()
+    await health_fleet(client, db_conn)
+    counts = {(name, ()): value for name, value in zip(HEALTH, (4, 1, 5, 3))}
+    found = await swept(client, counts)
+    # live 4; silent: dead; GPUs 2 + 2 + 1; idle: idle's two and busy's GPU 1 (dead's is not known)
+    assert {key: found.get(key) for key in counts} == counts
+    assert not any(name.startswith("workers_company_") for name, _ in found)  # not per company by default
+
+
+async def test_health_counts_per_company(make_client, db_conn):
+    client = await make_client(company="first", metrics_per_company=True)
+    other = await make_client(company="second", metrics_per_company=True)
+    await health_fleet(client, db_conn)
+    await ok(other, "workers.status_report", {"worker": "w", "timestamp": now_ms(), "machine_stats": {"gpu_usage": [3]}})
+    first, second = client.credentials.company_id, other.credentials.company_id
+
+    def per_company(company: str, values: tuple) -> dict:
+        return {(name.replace("workers_", "workers_company_"), (("company", company),)): value
+                for name, value in zip(HEALTH, values)}  # fmt: skip
+
+    wanted = {**per_company(first, (4, 1, 5, 3)), **per_company(second, (1, 0, 1, 0))}
+    wanted.update({(name, ()): value for name, value in zip(HEALTH, (5, 1, 6, 3))})
+    found = await swept(client, wanted)
+    assert {key: found.get(key) for key in wanted} == wanted
+    assert len([name for name, _ in found if name.startswith("workers_company_")]) == 8  # 4 per company
+    await ok(other, "workers.unregister", {"worker": "w"})  # a company without workers: its counts 0
+    found = await swept(client, per_company(second, (0, 0, 0, 0)))
+    assert {key: found.get(key) for key in per_company(second, (0, 0, 0, 0))} == per_company(second, (0, 0, 0, 0))
 
 
 async def test_reports_answered_503_when_the_queue_is_full(make_client):

@@ -124,8 +124,27 @@ def _worker_entry(row, names: Names = NO_NAMES) -> dict:
     }
 
 
+def _health_entry(row) -> dict:
+    """The extension `health` of a worker (docs/health.md)."""
+    return {
+        "report_period": _rounded(row["report_period"]),
+        "silent": row["silent"],
+        "silent_since": _iso(row["silent_since"]) if row["silent"] else None,
+        "cpu_usage": _rounded(row["cpu_usage"]),
+        "gpu_usage": _rounded(row["gpu_usage"]),
+        "gpus": [
+            {"index": index, "idle": idle, "below_threshold_since": _iso(since)}
+            for index, (since, idle) in enumerate(zip(row["gpu_idle_since"], row["gpu_idle"]))
+        ],
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
+
+
 async def get_all(call: Call) -> dict:
-    body = schemas.load(schemas.worker_filter_request, call.body)
+    body = schemas.load(schemas.all_workers_request, call.body)
     names = await _apiserver_names(call, body)
     return await _heavy_read(call, all_workers, {**body, APISERVER_NAMES: names} if names is not None else body)
 
@@ -145,9 +164,21 @@ async def _apiserver_names(call: Call, body: dict) -> Names | None:
 
 
 async def all_workers(pool, settings: Settings, company: str, body: dict) -> dict:
-    rows = await registrations.find(pool, company, _worker_filter(body, GET_ALL_DEFAULT_LAST_SEEN))
+    health = settings.health if body["health"] else None
+    rows = await registrations.find(pool, company, _worker_filter(body, GET_ALL_DEFAULT_LAST_SEEN), health)
     names = body.get(APISERVER_NAMES, NO_NAMES)
-    return {"workers": [_worker_entry(row, names) for row in rows]}
+    workers = [_worker_entry(row, names) for row in rows]
+    if health is None:
+        return {"workers": workers}
+    for worker, row in zip(workers, rows):
+        worker["health"] = _health_entry(row)
+    rules = {
+        "silent_periods": settings.silent_periods,
+        "idle_gpu_percent": settings.idle_gpu_percent,
+        "idle_gpu_minutes": settings.idle_gpu_minutes,
+        "utilisation_minutes": settings.utilisation_minutes,
+    }
+    return {"workers": workers, "health": rules}
 
 
 async def _heavy_read(call: Call, read, body: dict):

@@ -26,7 +26,11 @@ ON CONFLICT (company, worker) DO UPDATE SET
     queue = NULL,
     queues = EXCLUDED.queues,
     tags = EXCLUDED.tags,
-    system_tags = EXCLUDED.system_tags
+    system_tags = EXCLUDED.system_tags,
+    report_period = NULL,
+    gpu_idle_since = NULL,
+    cpu_usage = NULL,
+    gpu_usage = NULL
 """
 
 # Part of the batching writer's statement: `$1` is a jsonb array of one entry per
@@ -35,13 +39,29 @@ ON CONFLICT (company, worker) DO UPDATE SET
 # with the report's timeout. queues/tags/system_tags are null in an entry when the report
 # did not send them: kept as they are. Entries of reports that do not register (a bulk import
 # of history) are skipped.
+#
+# The health columns (migrations/012, docs/health.md), from the entry's `gpu_busy` (per GPU
+# index: at or above the idle threshold; null where the report has no value), `cpu` and `gpu`
+# (the report's mean usage, null without one) and `$8`, the usage means' time constant in
+# seconds. The gap since the last report moves report_period a quarter of the way (the gap of
+# a live registration is within its timeout: an expired one starts afresh). gpu_idle_since
+# takes the usual reports (every GPU below the threshold, as before, or every one busy) with
+# builtins, and calls a function only when some GPUs are busy and others not.
 REPORTS_UPSERT = f"""
-INSERT INTO worker_registrations AS w ({_COLUMNS})
+INSERT INTO worker_registrations AS w ({_COLUMNS}, gpu_idle_since, cpu_usage, gpu_usage)
 SELECT r.company, r.worker, r.user_id, r.ip, now(), r.timeout, now(), now(),
-       now() + make_interval(secs => r.timeout), r.task, r.queue, r.queues, r.tags, r.system_tags
+       now() + make_interval(secs => r.timeout), r.task, r.queue, r.queues, r.tags, r.system_tags,
+       CASE
+           WHEN r.gpu_busy IS NULL THEN NULL
+           WHEN false = ALL (r.gpu_busy) THEN array_fill(now(), ARRAY[cardinality(r.gpu_busy)])
+           WHEN true = ALL (r.gpu_busy) THEN array_fill(NULL::timestamptz, ARRAY[cardinality(r.gpu_busy)])
+           ELSE gpu_idle_since(NULL, r.gpu_busy, now())
+       END,
+       r.cpu, r.gpu
 FROM jsonb_to_recordset($1::jsonb) AS r (
     company text, worker text, user_id text, ip text, timeout integer,
-    task text, queue text, queues text[], tags text[], system_tags text[], register boolean)
+    task text, queue text, queues text[], tags text[], system_tags text[], register boolean,
+    gpu_busy boolean[], cpu float8, gpu float8)
 WHERE r.register
 ORDER BY r.company, r.worker
 ON CONFLICT (company, worker) DO UPDATE SET
@@ -57,7 +77,27 @@ ON CONFLICT (company, worker) DO UPDATE SET
     queue = EXCLUDED.queue,
     queues = coalesce(EXCLUDED.queues, CASE WHEN w.expires_at > now() THEN w.queues END),
     tags = coalesce(EXCLUDED.tags, CASE WHEN w.expires_at > now() THEN w.tags END),
-    system_tags = coalesce(EXCLUDED.system_tags, CASE WHEN w.expires_at > now() THEN w.system_tags END)
+    system_tags = coalesce(EXCLUDED.system_tags, CASE WHEN w.expires_at > now() THEN w.system_tags END),
+    report_period = CASE WHEN w.expires_at > now() THEN coalesce(
+        0.75 * w.report_period + 0.25 * extract(epoch FROM now() - w.last_report_time),
+        extract(epoch FROM now() - w.last_report_time)) END,
+    gpu_idle_since = CASE
+        WHEN w.expires_at <= now() THEN EXCLUDED.gpu_idle_since
+        WHEN EXCLUDED.gpu_idle_since IS NULL THEN w.gpu_idle_since
+        -- every GPU busy (or without a value)
+        WHEN array_position(EXCLUDED.gpu_idle_since, now()) IS NULL THEN EXCLUDED.gpu_idle_since
+        -- the same GPUs, every one below the threshold now and before
+        WHEN cardinality(w.gpu_idle_since) = cardinality(EXCLUDED.gpu_idle_since)
+             AND array_position(w.gpu_idle_since, NULL) IS NULL
+             AND array_position(EXCLUDED.gpu_idle_since, NULL) IS NULL THEN w.gpu_idle_since
+        ELSE gpu_idle_since_merge(w.gpu_idle_since, EXCLUDED.gpu_idle_since)
+    END,
+    cpu_usage = CASE WHEN w.expires_at > now()
+        THEN time_weighted_mean(w.cpu_usage, EXCLUDED.cpu_usage, extract(epoch FROM now() - w.last_report_time), $8)
+        ELSE EXCLUDED.cpu_usage END,
+    gpu_usage = CASE WHEN w.expires_at > now()
+        THEN time_weighted_mean(w.gpu_usage, EXCLUDED.gpu_usage, extract(epoch FROM now() - w.last_report_time), $8)
+        ELSE EXCLUDED.gpu_usage END
 """
 
 _UNREGISTER = """
@@ -83,16 +123,30 @@ AND NOT (coalesce(r.system_tags, '{}') && $6::text[])
 AND ($7::text IS NULL OR r.worker LIKE $7::text)
 """
 
-_FIND = f"""
-SELECT r.worker, r.ip, r.register_time, r.register_timeout, r.last_activity_time,
+_WORKER_COLUMNS = """r.worker, r.ip, r.register_time, r.register_timeout, r.last_activity_time,
        r.last_report_time, r.task, r.queue,
-       coalesce(r.queues, '{{}}') AS queues,
-       coalesce(r.tags, '{{}}') AS tags,
-       coalesce(r.system_tags, '{{}}') AS system_tags,
-       r.company, c.name AS company_name, r.user_id, u.name AS user_name
+       coalesce(r.queues, '{}') AS queues,
+       coalesce(r.tags, '{}') AS tags,
+       coalesce(r.system_tags, '{}') AS system_tags,
+       r.company, c.name AS company_name, r.user_id, u.name AS user_name"""
+
+_FIND = f"""
+SELECT {_WORKER_COLUMNS}
 FROM worker_registrations AS r
 JOIN companies AS c ON c.id = r.company
 LEFT JOIN users AS u ON u.company = r.company AND u.id = r.user_id
+WHERE {_FILTER}
+ORDER BY r.worker
+"""
+
+# With each worker's health (migrations/012): $8 silent periods, $9 idle GPU minutes.
+_FIND_WITH_HEALTH = f"""
+SELECT {_WORKER_COLUMNS},
+       h.report_period, h.silent_since, h.silent, h.cpu_usage, h.gpu_usage, h.gpu_idle_since, h.gpu_idle
+FROM worker_registrations AS r
+JOIN companies AS c ON c.id = r.company
+LEFT JOIN users AS u ON u.company = r.company AND u.id = r.user_id
+JOIN worker_health($8, $9) AS h ON h.company = r.company AND h.worker = r.worker
 WHERE {_FILTER}
 ORDER BY r.worker
 """
@@ -110,7 +164,16 @@ SELECT ARRAY(SELECT DISTINCT task FROM listed WHERE task <> '' ORDER BY 1) AS ta
 
 _DELETE_EXPIRED = "DELETE FROM worker_registrations WHERE expires_at <= now()"
 
-_COUNT_LIVE = "SELECT count(*) FROM worker_registrations WHERE expires_at > now()"
+# Per company with live registrations: live and silent workers, their GPUs and the idle ones
+# ($1 silent periods, $2 idle GPU minutes).
+_HEALTH_COUNTS = """
+SELECT company, count(*)::integer AS live, count(*) FILTER (WHERE silent)::integer AS silent,
+       sum(cardinality(gpu_idle))::integer AS gpus,
+       sum(cardinality(array_positions(gpu_idle, true)))::integer AS idle_gpus
+FROM worker_health($1, $2)
+GROUP BY company
+ORDER BY company
+"""
 
 
 @dataclass(frozen=True)
@@ -163,8 +226,21 @@ async def is_registered(db, company: str, worker: str) -> bool:
     return await db.fetchval(_IS_REGISTERED, company, worker)
 
 
-async def find(db, company: str, where: WorkerFilter) -> list[asyncpg.Record]:
-    return await db.fetch(_FIND, company, *where.arguments())
+@dataclass(frozen=True)
+class HealthRules:
+    """When a worker is silent and a GPU idle (docs/health.md)."""
+
+    silent_periods: float = 3.0
+    idle_gpu_minutes: float = 30.0
+
+
+async def find(db, company: str, where: WorkerFilter, health: HealthRules | None = None) -> list[asyncpg.Record]:
+    """The matching workers; with `health`, each with its health columns too."""
+    if health is None:
+        return await db.fetch(_FIND, company, *where.arguments())
+    return await db.fetch(
+        _FIND_WITH_HEALTH, company, *where.arguments(), health.silent_periods, health.idle_gpu_minutes
+    )
 
 
 async def count(db, company: str, where: WorkerFilter) -> int:
@@ -177,9 +253,9 @@ async def named_ids(db, company: str, where: WorkerFilter) -> tuple[list[str], l
     return row["tasks"], row["queues"]
 
 
-async def count_live(db) -> int:
-    """Live registrations of every company."""
-    return await db.fetchval(_COUNT_LIVE)
+async def health_counts(db, health: HealthRules) -> list[asyncpg.Record]:
+    """Per company with live registrations: `company`, `live`, `silent`, `gpus`, `idle_gpus`."""
+    return await db.fetch(_HEALTH_COUNTS, health.silent_periods, health.idle_gpu_minutes)
 
 
 async def delete_expired(db) -> int:

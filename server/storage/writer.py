@@ -36,7 +36,7 @@ import orjson
 from .. import errors
 from ..errors import ApiError
 from ..metrics import DATABASE_DOWN, NOT_STORED_IN_TIME, QUEUE_FULL, SHUTTING_DOWN, Metrics, count_database_error
-from . import registrations, rollups, statistics
+from . import health, registrations, rollups, statistics
 from .ids import Ids, layout_key
 from .db import UNAVAILABLE_ERRORS
 
@@ -99,6 +99,8 @@ class ReportWriter:
         answer_timeout: float = 10.0,
         retry_delay: float = 1.0,
         metrics: Metrics | None = None,
+        idle_gpu_percent: float = 5.0,
+        utilisation_seconds: float = 600.0,
     ):
         self._dsn = dsn
         self._batch_size = batch_size
@@ -118,6 +120,8 @@ class ReportWriter:
         self._closing = False
         self._tasks: list[asyncio.Task] = []
         self._metrics = metrics
+        self._idle_gpu_percent = idle_gpu_percent  # a GPU reported at or above this is busy
+        self._utilisation_seconds = utilisation_seconds  # the time constant of the usage means
 
     async def start(self) -> None:
         self._tasks = [
@@ -250,8 +254,10 @@ class ReportWriter:
         registrations: dict[tuple[str, str], dict] = {}
         metric_keys: dict[tuple[str, str, str], float] = {}
         written: dict[tuple[str, str], tuple[float, frozenset]] = {}  # metric keys, as cached
+        busy_percent = self._idle_gpu_percent
         for report in reports:
             key = (report.company, report.worker)
+            metrics = report.metrics
             entry = {
                 "company": report.company,
                 "worker": report.worker,
@@ -268,13 +274,18 @@ class ReportWriter:
                 # invalidation log records when they fall behind the watermark.
                 "low": report.time,
                 "high": report.time,
+                # Its health (storage/health.py): busy GPUs, mean CPU and GPU usage.
+                "gpu_busy": health.gpu_busy(metrics.get("gpu_usage"), busy_percent),
+                "cpu": health.mean(metrics.get("cpu_usage")),
+                "gpu": health.mean(metrics.get("gpu_usage")),
             }
             earlier = registrations.get(key)
             if earlier is not None:
                 # Lists a later report did not send keep what an earlier one in the batch sent.
-                for name in ("queues", "tags", "system_tags"):
+                for name in ("queues", "tags", "system_tags", "cpu", "gpu"):
                     if entry[name] is None:
                         entry[name] = earlier[name]
+                entry["gpu_busy"] = health.merge_gpu_busy(earlier["gpu_busy"], entry["gpu_busy"])
                 entry["low"], entry["high"] = min(earlier["low"], report.time), max(earlier["high"], report.time)
                 entry["register"] = entry["register"] or earlier["register"]
             registrations[key] = entry
@@ -305,6 +316,7 @@ class ReportWriter:
             [ids.layout(report.company, key) for report, key in zip(reports, layouts)],
             [report.task or None for report in reports],  # an empty task is no task (SPEC: activity)
             values,
+            self._utilisation_seconds,
         )
         return parameters, written
 

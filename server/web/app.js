@@ -17,6 +17,8 @@ const HEATMAP_COLUMNS = 120; // buckets across the GPU heatmap, whatever the ran
 const HEATMAP_HEIGHT = 320; // pixels at most: more workers than rows share a row (their mean)
 const HEATMAP_ROW_PIXELS = 12; // at most, for a few workers
 const CHART_HEIGHT = 200;
+const TOP_WORKERS = 5; // in each busiest / idlest list
+const IDLE_GPUS_SHOWN = 10; // the longest idle; the rest counted
 const FIRST_CATEGORIES = ["cpu", "gpu", "memory"];
 const PALETTE = [
   "#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4d7c0f", "#9333ea", "#475569",
@@ -38,6 +40,7 @@ const state = {
   selectionTouched: false,
   utc: localStorage.getItem(ZONE_KEY) === "utc",
   workers: [],
+  health: null, // the rules get_all's extension `health` answers with
   busy: false, // a refresh is in flight
   again: false, // and another was asked for meanwhile
   timer: 0,
@@ -145,12 +148,14 @@ function signOut(message = "") {
   sessionStorage.removeItem(TOKEN_KEY);
   clearTimeout(state.timer);
   state.workers = [];
+  state.health = null;
   state.selected.clear();
   state.selectionTouched = false;
   for (const id of [...charts.keys()]) removeChart(id);
   rows.clear();
   document.querySelector("#workers tbody").replaceChildren();
   $("count").textContent = "";
+  renderHealth();
   $("identity").textContent = "";
   showProblem(null);
   $("fleet-view").hidden = true;
@@ -232,14 +237,16 @@ async function load(session) {
   const filtered = Object.keys(filter).length > 0;
   const span = chartSpan();
   const [all, count, everyone] = await Promise.all([
-    api("workers.get_all", { ...filter, last_seen: 0 }),
+    api("workers.get_all", { ...filter, last_seen: 0, health: true }), // the extension: silent, idle GPUs
     api("workers.get_count", filter),
     filtered ? null : api("workers.get_activity_report", span),
   ]);
   if (session !== state.session) return;
   state.workers = all.workers;
+  state.health = all.health;
   $("count").textContent = `${count.count} worker${count.count === 1 ? "" : "s"}`;
   renderTable();
+  renderHealth();
   // With a filter, the activity is that of the workers in the table (the extension worker_ids).
   const activity = filtered ? await activityOf(state.workers.map((w) => w.id), span) : everyone;
   if (session !== state.session) return;
@@ -343,9 +350,11 @@ const idsOf = (items) => (items || []).map((item) => item.id);
 // What tells a worker's health first (on a phone the rest scrolls sideways).
 const COLUMNS = [
   { key: "id", className: "worker", text: (w) => w.id },
-  // The newest report first, the oldest registration first.
-  { key: "last_report", className: "", text: (w) => ago(w.last_report_time), order: (w) => -timeOf(w.last_report_time),
-    title: (w) => (w.last_report_time ? `${formatTime(timeOf(w.last_report_time))} ${zoneLabel()}` : "") },
+  // Silent workers first (the longest silent first), then the newest report; the oldest
+  // registration first.
+  { key: "last_report", className: "", text: (w) => (isSilent(w) ? "silent " : "") + ago(w.last_report_time),
+    order: (w) => (isSilent(w) ? timeOf(w.last_report_time) - SILENT_FIRST : -timeOf(w.last_report_time)),
+    title: lastReportTitle, render: renderLastReport },
   { key: "task", className: "mono clip", text: (w) => (w.task ? w.task.id : "") },
   { key: "queue", className: "", text: (w) => (w.queue ? w.queue.id : idsOf(w.queues).join(", ")) },
   { key: "tags", className: "tags", text: (w) => (w.tags || []).join(" "), render: renderTags },
@@ -355,6 +364,41 @@ const COLUMNS = [
 ];
 
 const rows = new Map(); // worker id -> {row, checkbox, cells, shown}: rows are updated in place
+
+// --- health: silent workers (get_all's extension `health`) ----------------------------------------
+
+const SILENT_FIRST = 1e14; // ms: sorts a silent worker's last report before any other's
+const isSilent = (w) => Boolean(w.health && w.health.silent);
+
+// "30 s", "4.5 s", "12 min": a period or a duration, roughly.
+function roughDuration(seconds) {
+  if (seconds < 10) return `${+seconds.toFixed(1)} s`;
+  if (seconds < 120) return `${Math.round(seconds)} s`;
+  if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
+  return `${Math.round(seconds / 3600)} h`;
+}
+
+function lastReportTitle(w) {
+  if (!w.last_report_time) return "";
+  const when = `${formatTime(timeOf(w.last_report_time))} ${zoneLabel()}`;
+  const period = w.health?.report_period;
+  if (period == null) return when;
+  const pace = `it reports every ~${roughDuration(period)}`;
+  if (!isSilent(w)) return `${when}; ${pace}`;
+  const periods = state.health ? `${state.health.silent_periods} of its report periods` : "several of its periods";
+  return `Silent since ${formatTime(timeOf(w.health.silent_since))}: no report for ${periods} (${pace}). Last report ${when}`;
+}
+
+function renderLastReport(cell, w) {
+  if (!isSilent(w)) {
+    cell.textContent = ago(w.last_report_time);
+    return;
+  }
+  const mark = document.createElement("span");
+  mark.className = "silent-mark";
+  mark.textContent = "silent";
+  cell.replaceChildren(mark, document.createTextNode(` ${ago(w.last_report_time)}`));
+}
 
 function timeOf(iso) {
   const time = iso ? Date.parse(iso) : NaN;
@@ -473,6 +517,7 @@ function updateRow(entry, worker) {
     cell.title = column.title ? column.title(worker) : text;
   });
   entry.checkbox.checked = state.selected.has(worker.id);
+  entry.row.classList.toggle("silent", isSilent(worker));
 }
 
 function renderTable() {
@@ -494,6 +539,9 @@ function renderTable() {
     body.replaceChildren(...ordered);
   }
   $("no-workers").hidden = workers.length > 0;
+  const silent = workers.filter(isSilent).length;
+  $("silent-count").textContent = `${silent} silent`;
+  $("silent-count").hidden = silent === 0;
   const selectedShown = workers.filter((w) => state.selected.has(w.id)).length;
   $("select-all").checked = workers.length > 0 && selectedShown === workers.length;
   $("select-all").indeterminate = selectedShown > 0 && selectedShown < workers.length;
@@ -517,9 +565,75 @@ function selectWorkers(ids, selected) {
   refresh();
 }
 
+function showSilentFirst() {
+  state.sort = { key: "last_report", direction: 1 };
+  renderTable();
+}
+
 function sortBy(key) {
   state.sort = { key, direction: state.sort.key === key ? -state.sort.direction : 1 };
   renderTable();
+}
+
+// --- the health panel: idle GPUs, the busiest and idlest workers ------------------------------
+
+// An <ol> of [name, detail, value] items, `more` (a count of those left out) after them.
+function fillList(list, items, more = "") {
+  const entries = items.map(([name, detail, value]) => {
+    const item = document.createElement("li");
+    const parts = [["name", name], ["detail", detail], ["value", value]].filter(([, text]) => text);
+    item.append(...parts.map(([className, text]) => {
+      const part = document.createElement("span");
+      part.className = className;
+      part.textContent = text;
+      if (className === "name") part.title = text; // an id too long for the list is cut short
+      return part;
+    }));
+    return item;
+  });
+  if (!items.length || more) {
+    const item = document.createElement("li");
+    item.className = "empty";
+    item.textContent = items.length ? more : "none";
+    entries.push(item);
+  }
+  list.replaceChildren(...entries);
+}
+
+const percent = (value) => `${value.toFixed(value >= 10 ? 0 : 1)} %`;
+
+function idleFor(since) {
+  return roughDuration(Math.max(0, (Date.now() - since) / 1000));
+}
+
+// From the table's workers: their idle GPUs, the longest idle first, and, of those not
+// silent, the TOP_WORKERS with the highest and lowest mean CPU and GPU usage.
+function renderHealth() {
+  const rules = state.health;
+  $("health-rules").textContent = rules
+    ? `Silent: no report for ${rules.silent_periods} of its own report periods. Idle GPU: below ` +
+      `${rules.idle_gpu_percent} % in every report for ${rules.idle_gpu_minutes} min. Busiest and idlest: ` +
+      `mean usage over about the last ${rules.utilisation_minutes} min, silent workers left out.`
+    : "";
+  const gpus = state.workers.flatMap((w) => (w.health ? w.health.gpus.map((gpu) => ({ worker: w.id, ...gpu })) : []));
+  const idle = gpus.filter((gpu) => gpu.idle).map((gpu) => ({ ...gpu, since: timeOf(gpu.below_threshold_since) }));
+  idle.sort((a, b) => a.since - b.since || compareText(a.worker, b.worker) || a.index - b.index);
+  const more = idle.length > IDLE_GPUS_SHOWN ? `and ${idle.length - IDLE_GPUS_SHOWN} more` : "";
+  fillList($("idle-gpus"), idle.slice(0, IDLE_GPUS_SHOWN).map((gpu) => [gpu.worker, `GPU ${gpu.index}`, idleFor(gpu.since)]), more);
+  $("idle-gpu-count").textContent = gpus.length ? `${idle.length} of ${gpus.length}` : "";
+  const silent = state.workers.filter(isSilent).length;
+  $("health-note").textContent = rules ? `${silent} silent of ${state.workers.length} workers in the table` : "";
+  const heard = state.workers.filter((w) => w.health && !w.health.silent);
+  for (const kind of ["cpu", "gpu"]) {
+    const key = `${kind}_usage`;
+    const ranked = heard.filter((w) => w.health[key] != null);
+    const listed = (direction) => [...ranked]
+      .sort((a, b) => direction * (a.health[key] - b.health[key]) || compareText(a.id, b.id))
+      .slice(0, TOP_WORKERS)
+      .map((w) => [w.id, "", percent(w.health[key])]);
+    fillList($(`busiest-${kind}`), listed(-1));
+    fillList($(`idlest-${kind}`), listed(1));
+  }
 }
 
 // --- the charts ----------------------------------------------------------------------------
@@ -896,6 +1010,7 @@ function start() {
     button.addEventListener("click", () => setZone(button.dataset.zone === "utc"));
   }
   showZone();
+  $("silent-count").addEventListener("click", showSilentFirst);
   const heatmapCanvas = $("heatmap");
   heatmapCanvas.addEventListener("mousemove", (event) => readHeatmap(event.clientX, event.clientY));
   const touched = (event) => event.touches[0] && readHeatmap(event.touches[0].clientX, event.touches[0].clientY);
