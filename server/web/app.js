@@ -227,10 +227,15 @@ function workerFilter() {
 // newest reports.
 function chartSpan() {
   const now = Math.floor(Date.now() / 1000);
-  const wanted = state.range / TARGET_POINTS;
-  const interval = NICE_INTERVALS.find((nice) => nice >= wanted) || Math.ceil(wanted);
+  const interval = niceInterval(state.range / TARGET_POINTS);
   return { from_date: now - state.range, to_date: now, interval, include_partial_bucket: true };
 }
+
+const niceInterval = (wanted) => NICE_INTERVALS.find((nice) => nice >= wanted) || Math.ceil(wanted);
+
+// Worker ids in lists of at most IDS_PER_CALL (the server's bound on worker_ids).
+const idLists = (ids) => Array.from({ length: Math.ceil(ids.length / IDS_PER_CALL) }, (_, i) =>
+  ids.slice(i * IDS_PER_CALL, (i + 1) * IDS_PER_CALL));
 
 async function load(session) {
   const filter = workerFilter();
@@ -264,13 +269,11 @@ async function load(session) {
 // answer came at, and are summed by date.
 async function activityOf(ids, span) {
   if (!ids.length) return null;
-  const first = await api("workers.get_activity_report", { ...span, worker_ids: ids.slice(0, IDS_PER_CALL) });
+  const [head, ...tail] = idLists(ids);
+  const first = await api("workers.get_activity_report", { ...span, worker_ids: head });
   const dates = first.total.dates;
   const step = dates.length > 1 ? (dates[1] - dates[0]) / 1000 : span.interval;
-  const rest = [];
-  for (let i = IDS_PER_CALL; i < ids.length; i += IDS_PER_CALL) {
-    rest.push(api("workers.get_activity_report", { ...span, interval: step, worker_ids: ids.slice(i, i + IDS_PER_CALL) }));
-  }
+  const rest = tail.map((list) => api("workers.get_activity_report", { ...span, interval: step, worker_ids: list }));
   for (const answer of await Promise.all(rest)) {
     for (const name of ["total", "active"]) {
       const byDate = new Map(answer[name].dates.map((date, i) => [date, answer[name].counts[i]]));
@@ -328,11 +331,9 @@ function statsCalls(keys, aggregations, workerIds, span, splitByVariant) {
 // the table's workers when filtered (lists of at most IDS_PER_CALL), else of every worker.
 async function gpuHeatmap(ids, span) {
   if (ids && !ids.length) return [];
-  const wanted = state.range / HEATMAP_COLUMNS;
-  const interval = NICE_INTERVALS.find((nice) => nice >= wanted) || Math.ceil(wanted);
+  const interval = niceInterval(state.range / HEATMAP_COLUMNS);
   const body = { ...span, interval, items: [{ key: "gpu_usage", aggregation: "avg" }], empty_buckets: "null" };
-  const lists = ids ? Array.from({ length: Math.ceil(ids.length / IDS_PER_CALL) }, (_, i) =>
-    ids.slice(i * IDS_PER_CALL, (i + 1) * IDS_PER_CALL)) : [undefined];
+  const lists = ids ? idLists(ids) : [undefined];
   const answers = await Promise.all(lists.map((list) => api("workers.get_stats", { ...body, worker_ids: list })));
   return answers.flatMap((answer) => answer.workers).flatMap((worker) => {
     const metric = worker.metrics.find((m) => m.metric === "gpu_usage" && m.variant === undefined);
