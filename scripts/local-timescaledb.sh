@@ -280,25 +280,29 @@ init_cluster() {
         sh "$PGDATA_DIR"
 }
 
-# Our settings, rewritten on every start so port/socket overrides apply.
+# Our settings, rewritten on every start so port/socket overrides apply: the preloaded
+# libraries ($1, default timescaledb) and the primary's or the standby's own lines ($2).
 # fsync stays on (the default): durability is part of what gets tested.
 write_local_conf() {
     local sock="${SOCKET_DIR//\'/\'\'}"
     as_cluster_user tee "$PGDATA_DIR/workers-local.conf" >/dev/null <<EOF
 # Written by scripts/local-timescaledb.sh on every start; edits are lost.
-shared_preload_libraries = 'timescaledb'
+shared_preload_libraries = '${1:-timescaledb}'
 timescaledb.telemetry_level = off
 listen_addresses = '127.0.0.1'
 port = $PGPORT_NUM
 unix_socket_directories = '$sock'
 max_connections = 200
 fsync = on
-# What a streaming standby ("standby start") needs: PostgreSQL's defaults, spelled out.
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = 10
+${2:-$PRIMARY_CONF}
 EOF
 }
+
+# What a streaming standby ("standby start") needs of its primary: PostgreSQL's defaults,
+# spelled out.
+PRIMARY_CONF="wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10"
 
 wait_until_ready() {
     local _
@@ -427,22 +431,11 @@ slot_query() {
 
 # The standby's settings (the base backup copied the primary's workers-local.conf: rewritten).
 # pg_stat_statements is preloaded here only, to watch which statements the standby serves.
+# hot_standby_feedback: the primary keeps the row versions the standby's reads still see,
+# rather than the standby cancelling those reads when it replays their removal.
 write_standby_conf() {
-    local sock="${SOCKET_DIR//\'/\'\'}"
-    as_cluster_user tee "$PGDATA_DIR/workers-local.conf" >/dev/null <<EOF
-# Written by scripts/local-timescaledb.sh (standby) on every start; edits are lost.
-shared_preload_libraries = 'timescaledb,pg_stat_statements'
-timescaledb.telemetry_level = off
-listen_addresses = '127.0.0.1'
-port = $PGPORT_NUM
-unix_socket_directories = '$sock'
-max_connections = 200
-fsync = on
-hot_standby = on
-# The primary keeps the row versions the standby's reads still see, rather than the
-# standby cancelling those reads when it replays their removal.
-hot_standby_feedback = on
-EOF
+    write_local_conf timescaledb,pg_stat_statements "hot_standby = on
+hot_standby_feedback = on"
 }
 
 make_standby() {
