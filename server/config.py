@@ -45,6 +45,10 @@ class Settings:
     read_nice: int = 10
     read_queue_seconds: float = 10.0
     read_queue_per_company: int = 16
+    # Streaming replicas (docs/replicas.md): comma-separated DSNs that serve the chart reads
+    # (empty: the primary serves them), while at most read_max_lag_seconds behind the primary.
+    read_dsn: str = ""
+    read_max_lag_seconds: float = 10.0
     # Retention of each tier, and the rollups' refresh
     # (docs/storage.md: what each costs per worker-day; raw reports are kept at least as long
     # as the 1-minute tier, which reads a variant's minutes from them)
@@ -116,7 +120,7 @@ class Settings:
     metrics_per_company: bool = False
 
     def __post_init__(self):
-        for name in ("silent_periods", "idle_gpu_minutes", "utilisation_minutes"):
+        for name in ("silent_periods", "idle_gpu_minutes", "utilisation_minutes", "read_max_lag_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"WORKERS_{name.upper()} must be greater than 0")
 
