@@ -32,10 +32,12 @@ import pytest
 from conftest import create_credentials
 from helpers import basic_auth, free_port, start_server, stop_server, wait_until_ready
 from nginx_proxy import eventually, running_nginx
+from server.config import Settings
+from server.keys import POOL
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
 DAEMONS = 6
-RUN_SECONDS = 6  # the fleet reports this long before the kill, and as long after it
+RUN_SECONDS = 6  # the fleet reports at least this long before the kill, and as long after it
 BEHIND_MS = 90_000  # the daemons' clocks are behind: every report is behind the rollups' watermark
 EXPIRING = 3  # registrations that expire before the kill, and as many after it
 DELIVERY_SECONDS = 20  # how long a daemon keeps sending one report again
@@ -93,9 +95,9 @@ class Daemon:
         self.answered: list[int] = []  # timestamps (ms) of the reports answered 200
         self.refused = Counter()  # what a failed attempt got: a status, or the error's class
 
-    async def run(self, until: float) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
         last = 0
-        while time.monotonic() < until:
+        while not stop.is_set():
             last = max(last + 1, int(time.time() * 1000) - BEHIND_MS)
             await self.deliver(last)
             self.answered.append(last)
@@ -136,6 +138,7 @@ async def test_two_hosts_one_killed_lose_no_report_and_share_the_periodic_work(h
         async with session.post(f"{proxy}/workers.get_all", json={}, headers=basic) as answer:  # through the proxy
             assert answer.status == 200, await answer.text()
         async with session.post(f"{survivor_base}/auth.login", headers=basic) as answer:
+            assert answer.status == 200, await answer.text()
             token = (await answer.json())["data"]["token"]
         session.headers["Authorization"] = f"Bearer {token}"
 
@@ -156,8 +159,8 @@ async def test_two_hosts_one_killed_lose_no_report_and_share_the_periodic_work(h
             await eventually(gone, f"the {prefix} registrations to expire", timeout=15)
 
         daemons = [Daemon(session, proxy, f"fleet-{i}", "GET" if i % 2 else "POST") for i in range(DAEMONS)]
-        started = time.monotonic()
-        fleet = asyncio.gather(*(daemon.run(started + 2 * RUN_SECONDS) for daemon in daemons))
+        started, stop_fleet = time.monotonic(), asyncio.Event()
+        fleet = asyncio.gather(*(daemon.run(stop_fleet) for daemon in daemons))
         for base in (victim_base, survivor_base) * 2:  # heavy reads: reader processes on both hosts
             async with session.post(f"{base}/workers.get_all", json={}) as answer:
                 assert answer.status == 200, await answer.text()
@@ -170,12 +173,14 @@ async def test_two_hosts_one_killed_lose_no_report_and_share_the_periodic_work(h
         answered_before = sum(len(daemon.answered) for daemon in daemons)
         stored_before = _stored(survivor_base)
         os.killpg(victim.pid, signal.SIGKILL)
-        killed_at, survivor_log_at = time.time(), survivor_log.stat().st_size
+        killed_at, killed_monotonic, survivor_log_at = time.time(), time.monotonic(), survivor_log.stat().st_size
         victim.wait(10)
         await eventually(lambda: _group_left(victim.pid), "the victim's processes to go", timeout=10)
 
         await old_chunk(db_conn, 40)  # only the survivor can drop this one
         await expire("expiring-after")
+        await asyncio.sleep(max(0.0, killed_monotonic + RUN_SECONDS - time.monotonic()))
+        stop_fleet.set()
         await fleet
         listed = {worker["id"] for worker in (await call("workers.get_all", {}))["workers"]}
         assert {daemon.worker for daemon in daemons} <= listed
@@ -259,3 +264,16 @@ def _stored(base: str) -> float:
     with urllib.request.urlopen(f"{base}/metrics", timeout=5) as answer:
         text = answer.read().decode()
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("workers_reports_stored_total"))
+
+
+async def test_a_server_process_holds_at_most_db_pool_size_pooled_connections(make_client):
+    client = await make_client(db_pool_size=2)
+    answers = await asyncio.gather(*(client.post("/workers.get_count", json={}) for _ in range(20)))
+    assert [answer.status for answer in answers] == [200] * 20
+    pool = client.server.app[POOL]
+    assert pool.get_max_size() == 2 and pool.get_size() <= 2
+
+
+def test_the_pool_size_is_at_least_one():
+    with pytest.raises(SystemExit, match="WORKERS_DB_POOL_SIZE"):
+        Settings.from_env({"WORKERS_DB_POOL_SIZE": "0"})
