@@ -22,7 +22,9 @@ from .storage.writer import ReportWriter
 
 async def _database(app: web.Application):
     settings = app[SETTINGS]
-    pool = await db.create_pool(settings.db_dsn, statement_timeout=settings.read_timeout_seconds)
+    pool = await db.create_pool(
+        settings.db_dsn, statement_timeout=settings.read_timeout_seconds, max_size=settings.db_pool_size
+    )
     async with pool.acquire() as conn:
         await db.migrate(conn)
         app[SIGNING_KEY] = settings.auth_secret or await credentials.signing_key(conn, secrets.token_urlsafe(48))

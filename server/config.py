@@ -21,6 +21,9 @@ def _bool(text: str) -> bool:
 @dataclass(frozen=True)
 class Settings:
     db_dsn: str = DEFAULT_DSN
+    # Connections of each server process's pool (registrations, credentials, the sweeps): the
+    # largest term of a host's connection budget (docs/scaling.md).
+    db_pool_size: int = 10
     host: str = "0.0.0.0"
     port: int = 8008
     processes: int = 1
@@ -120,6 +123,8 @@ class Settings:
     metrics_per_company: bool = False
 
     def __post_init__(self):
+        if self.db_pool_size < 1:
+            raise ValueError("WORKERS_DB_POOL_SIZE must be at least 1")
         for name in ("silent_periods", "idle_gpu_minutes", "utilisation_minutes", "read_max_lag_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"WORKERS_{name.upper()} must be greater than 0")
