@@ -24,7 +24,9 @@ history in another one), and in it:
    history, so the end of every read comes from raw rows after the watermark, as in service;
 3. starts two servers (`python -m server serve`): one reading rollups, one reading raw
    reports only (WORKERS_READ_FROM_ROLLUPS=false);
-4. times every read through each server's HTTP API, ending at the history's end (median
+4. registers every worker of the history (as a live fleet is: an imported history registers
+   none, and how many are registered decides whether a fleet chart may read raw reports:
+   docs/charts.md), then times every read through each server's HTTP API, ending at the history's end (median
    of --runs; a read slower than 2 s runs once): get_stats of the fleet (24 h @ 600 s), of
    one worker (4 metrics, 24 h @ 120 s), of ten workers (1 h @ 40 s), get_activity_report
    (24 h @ 600 s), and with --days 7 or more the fleet over 7 days @ 3600 s; and the SQL
@@ -376,8 +378,8 @@ def http_reads(history: History, to_date: float) -> list[Read]:
         # The fleet page's GPU heatmap: every worker's GPU utilisation at about 120 buckets.
         Read("get_stats fleet gpu avg 1 h @ 30 s (GPU heatmap)", 200, "workers.get_stats",
              chart_body(to_date - 3600, to_date, 30, gpu, []) | {"empty_buckets": "null"}),
-        Read("get_stats fleet gpu avg 24 h @ 900 s (GPU heatmap)", 200, "workers.get_stats",
-             chart_body(day_ago, to_date, 900, gpu, []) | {"empty_buckets": "null"}),
+        Read("get_stats fleet gpu avg 24 h @ 600 s (GPU heatmap)", 200, "workers.get_stats",
+             chart_body(day_ago, to_date, 600, gpu, []) | {"empty_buckets": "null"}),
     ]  # fmt: skip
     if history.days >= 7:
         reads.append(
@@ -570,6 +572,7 @@ async def run_reads(args, history: History, dsn: str, servers: dict[str, ServerP
     panels = [read for read in panels if chosen(read, args.only)]
     conn = await asyncpg.connect(dsn)
     try:
+        await register_fleet(rollups_client, history)
         # The rollup-served reads first, while the last minute is still raw rows after the watermark.
         watermark = await conn.fetchval("SELECT watermark FROM rollup_watermark")
         http = [read for read in http_reads(history, to_date) if chosen(read, args.only)]
@@ -602,6 +605,16 @@ async def run_reads(args, history: History, dsn: str, servers: dict[str, ServerP
         await rollups_client.close()
         if raw_client is not None:
             await raw_client.close()
+
+
+async def register_fleet(client: ApiClient, history: History) -> None:
+    """Register every worker of the history, as a live fleet is: the interval a fleet chart is
+    answered at depends on how many workers are registered (docs/charts.md), and an imported
+    history registers none."""
+    for number in range(history.workers):
+        _, status, content = await client.call("workers.register", {"worker": worker_id(number)})
+        if status != 200:
+            raise RuntimeError(f"workers.register answered {status}: {content[:200]!r}")
 
 
 def chosen(read: Read, only: re.Pattern | None) -> bool:
