@@ -259,7 +259,11 @@ async function load(session) {
   const activity = filtered ? await activityOf(state.workers.map((w) => w.id), span) : everyone;
   if (session !== state.session) return;
   renderActivity(activity, span, filtered);
-  const heat = await gpuHeatmap(filtered ? state.workers.map((w) => w.id) : null, span);
+  // A fleet of more workers than one call may name is asked in lists of the table's workers:
+  // each call stays within WORKERS_MAX_STATS_SERIES_BUCKETS (2,000 workers x 144 buckets
+  // of 24 h is past its default).
+  const large = state.workers.length > IDS_PER_CALL;
+  const heat = await gpuHeatmap(filtered || large ? state.workers.map((w) => w.id) : null, span);
   if (session !== state.session) return;
   renderHeatmap(heat);
   const charted = chartedWorkers();
