@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import asyncpg
 
 from . import raw, rollups
-from .aggregate import concatenate_points
 from .rollups import TIERS, floor_to
 
 log = logging.getLogger(__name__)
@@ -130,6 +129,7 @@ async def _merge(conn, points) -> None:
     keys = sorted({(worker, start) for worker, start, _ in made})
     existing = await conn.fetch(_BLOCKS_OF, [w for w, _ in keys], [raw.micros_time(s) for _, s in keys])
     if existing:
-        made = raw.worker_hours(concatenate_points([points, raw.blocks_to_points(existing)]))
+        # A report sent again after its first copy was packed is not packed twice.
+        made = raw.worker_hours(raw.without_copies(points, raw.blocks_to_points(existing)))
     await raw.replace_blocks(conn, made)
 

@@ -88,10 +88,45 @@ async def fetch(db: asyncpg.Connection, low_us: int, high_us: int, workers=None,
 
 
 def points(fetched: Fetched) -> Points:
-    return concatenate_points([
-        rows_points(fetched.rows, fetched.layouts),
-        blocks_to_points(fetched.block_rows, fetched.low_us, fetched.high_us, fetched.metrics),
-    ])
+    rows = rows_points(fetched.rows, fetched.layouts)
+    stored = blocks_to_points(fetched.block_rows, fetched.low_us, fetched.high_us, fetched.metrics)
+    if fetched.metrics is None:  # every value at hand: a late copy of a packed report is seen
+        return without_copies(rows, stored)
+    return concatenate_points([rows, stored])
+
+
+def without_copies(rows: Points, stored: Points) -> Points:
+    """`rows` and `stored` together, less each report of `rows` identical to one of `stored`
+    (the same worker, time, task and values): a report sent again after its answer was lost,
+    stored as a late row once the first was packed into its block (see migrations/014)."""
+    candidates = np.flatnonzero(np.isin(rows.report_times, stored.report_times))
+    if not len(candidates):
+        return concatenate_points([rows, stored])
+    chosen = np.flatnonzero(np.isin(stored.report_times, rows.report_times[candidates]))
+    known = set(_report_keys(stored, chosen))
+    keep = np.ones(len(rows.report_times), dtype=bool)
+    for report, key in zip(candidates, _report_keys(rows, candidates)):
+        keep[report] = key not in known
+    return concatenate_points([_kept(rows, keep), stored])
+
+
+def _report_keys(points: Points, reports: np.ndarray) -> list[tuple]:
+    """What makes each of these reports (indices) the report it is: worker, time, task and
+    its values, (metric, variant, value) in order."""
+    taken = np.flatnonzero(np.isin(points.reports, reports))
+    taken = taken[np.lexsort((points.variants[taken], points.metrics[taken], points.reports[taken]))]
+    bounds = np.searchsorted(points.reports[taken], np.stack([reports, reports + 1]))
+    metrics, variants, values = points.metrics.tolist(), points.variants.tolist(), points.values.tolist()
+    keys = []
+    for report, low, high in zip(reports.tolist(), bounds[0].tolist(), bounds[1].tolist()):
+        own = taken[low:high].tolist()
+        keys.append((
+            int(points.report_workers[report]),
+            int(points.report_times[report]),
+            points.report_tasks[report] or None,
+            tuple((metrics[i], variants[i], values[i]) for i in own),
+        ))
+    return keys
 
 
 async def read(db: asyncpg.Connection, low_us: int, high_us: int, workers=None) -> Points:
@@ -158,7 +193,11 @@ def blocks_to_points(rows: list, low_us: int | None = None, high_us: int | None 
 
 def within(points: Points, low_us: int, high_us: int) -> Points:
     """The reports timed in [low_us, high_us) and their values."""
-    keep = (points.report_times >= low_us) & (points.report_times < high_us)
+    return _kept(points, (points.report_times >= low_us) & (points.report_times < high_us))
+
+
+def _kept(points: Points, keep: np.ndarray) -> Points:
+    """The reports marked in `keep` and their values."""
     if keep.all():
         return points
     new_index = np.cumsum(keep) - 1

@@ -12,6 +12,10 @@ compacted (before `rollup_watermark.compacted`) go to `late_reports`, the others
 # $3..$7 one entry per report: time (epoch seconds), worker id, layout id, task, values (the
 # float64s, big-endian). The watermark row is read FOR SHARE (see migrations/004 and 006):
 # moving `compacted` waits for this batch.
+# A report stored already (sent again after its answer was lost) is not stored twice: the
+# unique indexes of migration 014 (worker, time, layout, values and task), and a late copy of
+# a report still in recent_reports (`compacted` moved between the two) is not stored at all.
+# A copy of a report already packed into its block is dropped when compaction merges it.
 REPORTS = """
 reports AS (
     SELECT to_timestamp(r.time) AS time, r.worker, r.layout, r.task, r.values
@@ -21,9 +25,15 @@ marks AS (SELECT compacted FROM rollup_watermark FOR SHARE),
 recent AS (
     INSERT INTO recent_reports (time, worker, layout, task, values)
     SELECT r.* FROM reports AS r, marks AS m WHERE r.time >= m.compacted
+    ON CONFLICT DO NOTHING
 )
 INSERT INTO late_reports (time, worker, layout, task, values)
-SELECT r.* FROM reports AS r, marks AS m WHERE r.time < m.compacted
+SELECT r.* FROM reports AS r, marks AS m
+WHERE r.time < m.compacted AND NOT EXISTS (
+    SELECT FROM recent_reports AS o
+    WHERE o.worker = r.worker AND o.time = r.time AND o.layout = r.layout
+      AND o.task IS NOT DISTINCT FROM r.task AND o.values = r.values)
+ON CONFLICT DO NOTHING
 """
 
 METRIC_KEYS_UPSERT = """

@@ -4,7 +4,9 @@ import uuid
 
 import asyncpg
 
-# Find by name, or create with a new id; safe when two callers create the same name at once.
+# Find by name, or create with a new id. When two callers create the same name at once, the
+# loser's statement waits for the winner's, inserts nothing and cannot see the winner's row
+# either (its snapshot is older): it reads the row again (_NAMED_*), in a statement of its own.
 _COMPANY_ID = """
 WITH created AS (
     INSERT INTO companies (id, name) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING id
@@ -19,16 +21,20 @@ WITH created AS (
 )
 SELECT id FROM created UNION ALL SELECT id FROM users WHERE company = $1 AND name = $3 LIMIT 1
 """
+_NAMED_COMPANY = "SELECT id FROM companies WHERE name = $1"
+_NAMED_USER = "SELECT id FROM users WHERE company = $1 AND name = $2"
 
 
 async def company_named(db, name: str) -> str:
     """The id of the company called `name`, created if missing."""
-    return await db.fetchval(_COMPANY_ID, uuid.uuid4().hex, name)
+    found = await db.fetchval(_COMPANY_ID, uuid.uuid4().hex, name)
+    return found if found is not None else await db.fetchval(_NAMED_COMPANY, name)
 
 
 async def user_named(db, company: str, name: str, role: str = "user") -> str:
     """The id of the company's user called `name`, created if missing."""
-    return await db.fetchval(_USER_ID, company, uuid.uuid4().hex, name, role)
+    found = await db.fetchval(_USER_ID, company, uuid.uuid4().hex, name, role)
+    return found if found is not None else await db.fetchval(_NAMED_USER, company, name)
 
 
 # Companies and users of apiserver tokens keep the apiserver's ids. A name already taken by
