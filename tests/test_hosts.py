@@ -8,8 +8,8 @@ it (unique timestamps; GET with a body as clearml-agent sends them, and POST), e
 the reports answered 200 and sending the others again, as the daemon does on 502/503 and on
 connection errors. Midway one host's whole process group is killed with SIGKILL.
 
-Afterwards: every report answered 200 is stored (a report is stored twice at most when its
-host died between the commit and the answer: at most one per daemon), the survivor answered
+Afterwards: every report answered 200 is stored, and once (one whose host died between the
+commit and the answer is sent again: migration 014 stores it once), the survivor answered
 everything after the kill, and the periodic work was done once across the hosts: each expired
 registration and each chunk past retention counted by one host only (before the kill by
 either, after it by the survivor), and the 1-minute rollups hold each stored report exactly
@@ -185,8 +185,8 @@ async def test_two_hosts_one_killed_lose_no_report_and_share_the_periodic_work(h
         listed = {worker["id"] for worker in (await call("workers.get_all", {}))["workers"]}
         assert {daemon.worker for daemon in daemons} <= listed
 
-    # Every report answered 200 is stored: twice at most when its host died between the
-    # commit and the answer (one report in flight per daemon).
+    # Every report answered 200 is stored, once: one whose host died between the commit and
+    # the answer was sent again (one report in flight per daemon), and stored once.
     rows = await db_conn.fetch(
         "SELECT worker, round(extract(epoch FROM time) * 1000)::bigint AS ms FROM worker_stats WHERE company = $1",
         caller.company_id,
@@ -195,7 +195,7 @@ async def test_two_hosts_one_killed_lose_no_report_and_share_the_periodic_work(h
     answered = Counter((daemon.worker, ms) for daemon in daemons for ms in daemon.answered)
     assert set(answered) == set(stored), (len(set(answered) - set(stored)), len(set(stored) - set(answered)))
     twice = {report: count for report, count in stored.items() if count > 1}
-    assert all(count == 2 for count in twice.values()) and len(twice) <= DAEMONS, twice
+    assert not twice, twice
     refused = sum((daemon.refused for daemon in daemons), Counter())
     after_kill = sum(len(daemon.answered) for daemon in daemons) - answered_before
     assert answered_before > 50 and after_kill > 50, (answered_before, after_kill, refused)
