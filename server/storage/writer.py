@@ -355,12 +355,22 @@ def report_queues(queue: str | None, queues: list[str] | None) -> tuple[str, ...
 
 
 _TOTAL = ("total",)
+# Each set of queues' part of a layout key, made once (a fleet names a few sets); forgotten
+# when it grows past KNOWN_WORKERS_LIMIT sets.
+_queue_layouts: dict[tuple[str, ...], tuple] = {}
 
 
 def _layout(metrics: dict, queues: tuple[str, ...]) -> tuple:
     """The layout of a report's values: its metrics', then a queue pseudo-metric per queue."""
     key = layout_key(metrics)
-    return key + tuple((queue_metric(queue), _TOTAL) for queue in queues) if queues else key
+    if not queues:
+        return key
+    part = _queue_layouts.get(queues)
+    if part is None:
+        if len(_queue_layouts) >= KNOWN_WORKERS_LIMIT:
+            _queue_layouts.clear()
+        part = _queue_layouts[queues] = tuple((queue_metric(queue), _TOTAL) for queue in queues)
+    return key + part
 
 
 def pack_values(metrics: dict, queues: tuple[str, ...] = (), busy: bool = False) -> bytes:
