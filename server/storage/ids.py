@@ -42,7 +42,20 @@ _WORKERS_BY_ID = "SELECT id, company, worker FROM stat_workers WHERE id = ANY($1
 _WORKERS_OF_COMPANY = "SELECT id, worker FROM stat_workers WHERE company = $1"
 _METRICS_BY_NAME = "SELECT id, name FROM stat_metrics WHERE company = $1 AND kind = $3 AND name = ANY($2::text[])"
 _QUEUES_OF_COMPANY = "SELECT id, name FROM stat_metrics WHERE company = $1 AND kind = 1"
-_QUEUE_METRICS = "SELECT id FROM stat_metrics WHERE id = ANY($1::integer[]) AND kind = 1"
+# (Written to read a schema before migration 013 too, where there are no queues: migration 007
+# stores rollups through this code.)
+_QUEUE_METRICS = "SELECT id FROM stat_metrics AS m WHERE id = ANY($1::integer[]) AND to_jsonb(m) ->> 'kind' = '1'"
+# Migration 007 makes metric ids through this code, on the schema of its time (no `kind`).
+_HAS_KINDS = """
+SELECT EXISTS (SELECT FROM pg_attribute
+               WHERE attrelid = 'stat_metrics'::regclass AND attname = 'kind' AND NOT attisdropped)
+"""
+_METRIC_IDS_BEFORE_KINDS = """
+INSERT INTO stat_metrics AS m (company, name)
+SELECT u.company, u.name FROM unnest($1::text[], $2::smallint[], $3::text[]) AS u (company, kind, name) ORDER BY 1, 2
+ON CONFLICT (company, name) DO UPDATE SET company = EXCLUDED.company
+RETURNING m.id, m.company, 0 AS kind, m.name
+"""
 _METRICS_BY_ID = "SELECT id, company, name FROM stat_metrics WHERE id = ANY($1::integer[])"
 
 METRIC, QUEUE = 0, 1  # stat_metrics.kind
@@ -73,6 +86,7 @@ class Ids:
         self._workers: dict[tuple[str, str], int] = {}
         self._metrics: dict[tuple[str, str], int] = {}
         self._layouts: dict[tuple[str, tuple], int] = {}
+        self._kinds: bool | None = None  # whether stat_metrics has `kind` (migration 013)
 
     def worker(self, company: str, worker: str) -> int | None:
         return self._workers.get((company, worker))
@@ -85,7 +99,10 @@ class Ids:
         made when new."""
         missing = sorted({_kind_and_name(name) for name in names if (company, name) not in self._metrics})
         if missing:
-            rows = await db.fetch(_METRIC_IDS, [company] * len(missing), [k for k, _ in missing], [n for _, n in missing])
+            if self._kinds is None:
+                self._kinds = await db.fetchval(_HAS_KINDS)
+            statement = _METRIC_IDS if self._kinds else _METRIC_IDS_BEFORE_KINDS
+            rows = await db.fetch(statement, [company] * len(missing), [k for k, _ in missing], [n for _, n in missing])
             for row in rows:
                 name = row["name"] if row["kind"] == METRIC else (row["kind"], row["name"])
                 self._metrics[(row["company"], name)] = row["id"]

@@ -339,7 +339,7 @@ async def read(
 async def write(db, tier: Tier, company: str, rows: blocks.Aggregates) -> None:
     """Store the rows (of one company, absolute buckets) as new blocks: one per metric and
     period, each from its first bucket to its last."""
-    records = []
+    records, queue_records = [], []
     rows = aggregate.sort(rows)  # a block's order: by worker, variant, bucket
     period_of = rows.buckets * tier.seconds // tier.period
     pairs = sorted(set(zip(rows.metrics.tolist(), period_of.tolist())))
@@ -350,17 +350,19 @@ async def write(db, tier: Tier, company: str, rows: blocks.Aggregates) -> None:
         mine.buckets = mine.buckets - first
         buckets = int(mine.buckets.max()) + 1
         block = blocks.encode_rollup(mine)
-        bits = blocks.encode_queue_bits(mine, block.workers, buckets) if metric in queues else (None, None)
-        records.append((
-            _epoch_time(first * tier.seconds), buckets, company, metric,
-            block.workers.tolist(), block.offsets.tolist(), block.data, *bits,
-        ))
+        record = (_epoch_time(first * tier.seconds), buckets, company, metric,
+                  block.workers.tolist(), block.offsets.tolist(), block.data)  # fmt: skip
+        if metric in queues:
+            queue_records.append((*record, *blocks.encode_queue_bits(mine, block.workers, buckets)))
+        else:
+            records.append(record)
+    # (Blocks of metrics name no bits' columns: migration 007 stores rollups through this code,
+    # before migration 013 made them.)
+    columns = ["start", "buckets", "company", "metric", "workers", "offsets", "data"]
     if records:
-        await db.copy_records_to_table(
-            tier.table,
-            columns=["start", "buckets", "company", "metric", "workers", "offsets", "data", "listening", "busy"],
-            records=records,
-        )
+        await db.copy_records_to_table(tier.table, columns=columns, records=records)
+    if queue_records:
+        await db.copy_records_to_table(tier.table, columns=[*columns, "listening", "busy"], records=queue_records)
 
 
 async def replace(db, tier: Tier, company: str, workers: np.ndarray, low: int, high: int, fresh: blocks.Aggregates) -> None:
