@@ -2,6 +2,7 @@
 
     bench/soak.sh [--workers 2000] [--period 5] [--minutes 10] [--warmup 60] [--reader-period 10]
                   [--processes 1] [--database workers_bench_soak] [--tree PATH] [--seed 1] [--floor 60]
+                  [--replica DSN]
 
 (`bench/soak.sh` prepares the venv and the local database, then runs `python -m bench.soak`
 with the same arguments.)
@@ -32,7 +33,9 @@ own transaction. This benchmark runs such a fleet and measures what it costs:
    other databases' backends is left out: see PostgresCpu), of the fleet and of this
    process (reported, not counted), and of the whole machine (/proc/stat: what the rest of
    it used tells whether the run was disturbed); what the reads cost beyond the ingest's
-   rate (CPU sampled around each read); the rollup lag (now() - materialized of
+   rate (CPU sampled around each read); with --replica (a streaming standby's cluster DSN: the
+   server's chart reads go there, WORKERS_READ_DSN) the whole standby cluster's CPU, reported
+   beside the others and not counted in their sum; the rollup lag (now() - materialized of
    rollup_watermark, every 5 s); the database's size at the window's start and end; and,
    after it, the stored rows of the window against the answers 200 (when worker_stats is a
    table to count);
@@ -365,8 +368,7 @@ class PostgresCpu:
         self.total_first = 0.0
 
     def total(self) -> float:
-        own = (cpu_seconds(self.postmaster) or 0.0) + (reaped_cpu_seconds(self.postmaster) or 0.0)
-        return own + total_cpu(listed_children(self.postmaster))
+        return cluster_cpu(self.postmaster)
 
     def start(self) -> float:
         self.total_first = self.total()
@@ -420,6 +422,12 @@ class PostgresCpu:
         return THIS_DATABASE if found[1] == self.database else OTHER_DATABASES
 
 
+def cluster_cpu(postmaster: int) -> float:
+    """CPU seconds of a whole cluster: its postmaster, the processes it started and those it reaped."""
+    own = (cpu_seconds(postmaster) or 0.0) + (reaped_cpu_seconds(postmaster) or 0.0)
+    return own + total_cpu(listed_children(postmaster))
+
+
 def find_postmaster(dsn: str) -> int | None:
     """The postmaster of the DSN's cluster when it runs on this machine (found by its port)."""
     parts = urllib.parse.urlsplit(dsn)
@@ -438,6 +446,7 @@ class Snapshot:
     refresher: float | None
     postgres: float | None  # the whole cluster
     postgres_counted: float | None  # PostgresCpu.counted()
+    replica: float | None  # the whole replica cluster (--replica), when it runs on this machine
     fleet: float | None
     bench: float
     machine_busy: float
@@ -460,8 +469,11 @@ class Measured:
 
 
 class Meters:
-    def __init__(self, server: ServerProcess, postgres: PostgresCpu | None, fleet_pid: int, conn: asyncpg.Connection):
+    def __init__(
+        self, server: ServerProcess, postgres: PostgresCpu | None, fleet_pid: int, conn: asyncpg.Connection, replica: int | None
+    ):
         self.server, self.postgres, self.fleet_pid, self.conn = server, postgres, fleet_pid, conn
+        self.replica = replica  # the replica's postmaster
         self.refresher_pid: int | None = None
 
     async def snapshot(self, first: bool) -> Snapshot:
@@ -476,7 +488,7 @@ class Meters:
         return Snapshot(
             at=time.monotonic(), wall=time.time(), server=total_cpu(server_pids), server_pids=server_pids,
             refresher=cpu_seconds(self.refresher_pid) if self.refresher_pid else None, postgres=postgres,
-            postgres_counted=counted, fleet=cpu_seconds(self.fleet_pid), bench=own_cpu(), machine_busy=busy, machine_total=total,
+            postgres_counted=counted, replica=cluster_cpu(self.replica) if self.replica else None, fleet=cpu_seconds(self.fleet_pid), bench=own_cpu(), machine_busy=busy, machine_total=total,
             load=load_average(), database_bytes=await self.conn.fetchval("SELECT pg_database_size(current_database())"),
         )  # fmt: skip
 
@@ -521,7 +533,8 @@ async def measure(args, server: ServerProcess, dsn: str, token: str, start: floa
 
         quiet: list[Quiet] = []
         reading = asyncio.create_task(keep_reading(reader, probe, start, args.reader_period, window_end, reads, quiet))
-        meters = Meters(server, postgres, fleet_pid, conn)
+        replica = find_postmaster(args.replica) if args.replica else None
+        meters = Meters(server, postgres, fleet_pid, conn, replica)
         await asyncio.sleep(max(0.0, window_start - time.monotonic()))
         first = await meters.snapshot(first=True)
         lags: list[float] = []
@@ -535,6 +548,8 @@ async def measure(args, server: ServerProcess, dsn: str, token: str, start: floa
         notes = [lag_note] if lag_note else []
         if postmaster is None:
             notes.append("PostgreSQL's CPU not measured: its cluster does not run on this machine")
+        if args.replica and replica is None:
+            notes.append("the replica's CPU not measured: its cluster does not run on this machine")
         return Measured(first, last, lags, notes, reads, quiet, shares, unseen, meters.refresher_pid)
     finally:
         await reader.close()
@@ -646,7 +661,7 @@ def cpu_used(measured: Measured) -> dict[str, float | None]:
     if postgres is not None:  # other databases' backends and the bench's own connection are not the fleet's
         postgres -= measured.postgres_shares.get(OTHER_DATABASES, 0.0) + measured.postgres_shares.get(BENCH, 0.0)
     return {
-        "server": delta("server"), "refresher": delta("refresher"), "postgres": postgres,
+        "server": delta("server"), "refresher": delta("refresher"), "postgres": postgres, "replica": delta("replica"),
         "fleet": delta("fleet"), "bench": delta("bench"), "machine": delta("machine_busy"),
     }  # fmt: skip
 
@@ -756,6 +771,9 @@ def print_cpu(results: Results, measured: Measured, floors: list[Floor]) -> None
               f"the bench's connection {shares.get(BENCH, 0.0):,.1f} s (not counted); of all these, "
               f"{measured.postgres_unseen:,.1f} s used by processes after their last sample (shared as the "
               f"ended processes' CPU)")  # fmt: skip
+    if measured.first.replica is not None:
+        print(f"  {'replica (not counted)':<26}{cpu_cell(results, cpu['replica'], seconds)}   its whole cluster: "
+              f"replaying the primary's WAL, and the chart reads it served")  # fmt: skip
     reads = results.reads
     print(f"  the reads ({reads.pairs} fleet charts and activity reports; the ingest alone measured in "
           f"{reads.quiet_seconds:,.0f} s of quiet stretches): server {reads.server:,.1f} s, PostgreSQL {reads.postgres:,.1f} s, "
@@ -851,6 +869,8 @@ def print_summary(results: Results, measured: Measured, floors: list[Floor]) -> 
         ("  sum", f"{results.per_report_us(total):,.0f} µs", f"<= {TARGET_CPU_US} µs",
          met(None if total is None else results.per_report_us(total) <= TARGET_CPU_US)),
         ("  sum without the reads", f"{results.per_report_us(without_reads(results)):,.0f} µs", "(estimated)", ""),
+        *((("replica (replay, reads)", f"{results.per_report_us(cpu['replica']):,.0f} µs", "", ""),)
+          if cpu["replica"] is not None else ()),
         *((f"HTTP floor: {floor.name}", f"{floor.per_request_us:,.0f} µs", "(per request)", "") for floor in floors),
         ("report latency p99", f"{p99:,.1f} ms", f"< {TARGET_P99_MS} ms", met(p99 < TARGET_P99_MS if results.latencies_ms else None)),
         ("rollup lag, max", "-" if lag is None else f"{lag:,.0f} s", f"<= {TARGET_LAG_S} s", met(None if lag is None else lag <= TARGET_LAG_S)),
@@ -899,6 +919,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds of the same fleet against bench/bare_app.py, then nginx, after the run: the HTTP floors "
         "(default 60 each; 0: none)",
     )  # fmt: skip
+    parser.add_argument(
+        "--replica", metavar="DSN", default="",
+        help="a streaming standby of WORKERS_DB_DSN's cluster (e.g. the one of `scripts/local-timescaledb.sh standby "
+        "start`): the server sends its chart reads there (WORKERS_READ_DSN) and the replica's CPU is measured",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for name in ("workers", "period", "minutes", "reader_period", "processes"):
         if getattr(args, name) <= 0:
@@ -912,9 +937,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def start_server(dsn: str, tree: Path, processes: int, workdir: Path) -> ServerProcess:
+def start_server(dsn: str, tree: Path, processes: int, workdir: Path, read_dsn: str = "") -> ServerProcess:
     port = free_port()
-    env = {**os.environ, "WORKERS_DB_DSN": dsn, "PYTHONUNBUFFERED": "1", **tree_env(tree)}
+    env = {**os.environ, "WORKERS_DB_DSN": dsn, "WORKERS_READ_DSN": read_dsn, "PYTHONUNBUFFERED": "1", **tree_env(tree)}
     server = ServerProcess(
         "soak",
         [sys.executable, "-m", "server", "serve", "--host", HOST, "--port", str(port), "--processes", str(processes)],
@@ -1006,7 +1031,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="workers-bench-soak-"))
     log(f"database {dsn} (recreated); server log in {workdir}")
     asyncio.run(recreate_database(cluster_dsn, args.database))
-    server = start_server(dsn, tree, args.processes, workdir)
+    read_dsn = database_dsn(args.replica, args.database) if args.replica else ""
+    server = start_server(dsn, tree, args.processes, workdir, read_dsn)
     fleet = None
     try:
         server.wait_ready(args.processes)

@@ -2,6 +2,7 @@
 # local-timescaledb.sh - a throwaway local PostgreSQL + TimescaleDB for dev and CI.
 #
 # Usage: scripts/local-timescaledb.sh start|stop|status
+#        scripts/local-timescaledb.sh standby start|stop|status|remove
 #
 #   start   Installs TimescaleDB if it is missing (idempotent; quick when it is
 #           already there), then starts a private cluster on 127.0.0.1 with
@@ -15,6 +16,17 @@
 #           last line of stdout. Exit 0 when running, 3 when not.
 #   provision  Only the install step of "start" (a non-root "start" runs this
 #           through sudo).
+#   standby start   A streaming hot standby of that cluster (started first if
+#           needed): made once with pg_basebackup (its own data folder, a
+#           replication slot "workers_standby" on the primary), then started on
+#           its own port; prints the standby's DSN as the LAST line of stdout.
+#           The primary needs nothing but PostgreSQL's defaults, which a fresh
+#           "start" keeps (wal_level = replica, max_wal_senders, initdb's
+#           "replication" lines in pg_hba.conf); "standby start" checks them on
+#           the running primary and changes nothing there.
+#   standby stop    Stops the standby (the slot keeps the primary's WAL for it).
+#   standby status  As "status", for the standby.
+#   standby remove  Stops it, deletes its data folder and drops its slot.
 #
 # Provisioning (needs root, or sudo when run as another user):
 #   * A PostgreSQL 17/16/15 whose extension dir already has timescaledb is used.
@@ -28,6 +40,9 @@
 # Environment overrides:
 #   WORKERS_PGDATA  data folder   (default /var/tmp/workers-timescaledb/data)
 #   WORKERS_PGPORT  TCP port      (default 55432)
+#   WORKERS_STANDBY_PGDATA  the standby's data folder
+#                   (default /var/tmp/workers-timescaledb-standby/data)
+#   WORKERS_STANDBY_PGPORT  the standby's TCP port (default 55433)
 # The unix socket and the server log (postgresql.log) live in the data
 # folder's parent. When run as root the cluster belongs to the "postgres" OS
 # user (PostgreSQL refuses to run as root); otherwise to the current user.
@@ -37,6 +52,9 @@ set -euo pipefail
 
 PGDATA_DIR="${WORKERS_PGDATA:-/var/tmp/workers-timescaledb/data}"
 PGPORT_NUM="${WORKERS_PGPORT:-55432}"
+STANDBY_PGDATA_DIR="${WORKERS_STANDBY_PGDATA:-/var/tmp/workers-timescaledb-standby/data}"
+STANDBY_PGPORT_NUM="${WORKERS_STANDBY_PGPORT:-55433}"
+STANDBY_SLOT="workers_standby"
 DB_NAME="workers"
 DB_SUPERUSER="postgres"
 
@@ -55,6 +73,8 @@ LOCK_FILE="$STATE_DIR.lock"
 
 SCRIPT_PATH="$(readlink -f "${BASH_SOURCE[0]}")"
 PG_BIN=""   # set by select_pg_bin / provision_timescaledb
+
+STANDBY_PGDATA_DIR="$(realpath -m -- "$STANDBY_PGDATA_DIR")"
 
 # ---------------------------------------------------------------- helpers ---
 
@@ -260,21 +280,29 @@ init_cluster() {
         sh "$PGDATA_DIR"
 }
 
-# Our settings, rewritten on every start so port/socket overrides apply.
+# Our settings, rewritten on every start so port/socket overrides apply: the preloaded
+# libraries ($1, default timescaledb) and the primary's or the standby's own lines ($2).
 # fsync stays on (the default): durability is part of what gets tested.
 write_local_conf() {
     local sock="${SOCKET_DIR//\'/\'\'}"
     as_cluster_user tee "$PGDATA_DIR/workers-local.conf" >/dev/null <<EOF
 # Written by scripts/local-timescaledb.sh on every start; edits are lost.
-shared_preload_libraries = 'timescaledb'
+shared_preload_libraries = '${1:-timescaledb}'
 timescaledb.telemetry_level = off
 listen_addresses = '127.0.0.1'
 port = $PGPORT_NUM
 unix_socket_directories = '$sock'
 max_connections = 200
 fsync = on
+${2:-$PRIMARY_CONF}
 EOF
 }
+
+# What a streaming standby ("standby start") needs of its primary: PostgreSQL's defaults,
+# spelled out.
+PRIMARY_CONF="wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10"
 
 wait_until_ready() {
     local _
@@ -370,13 +398,126 @@ cmd_status() {
     return 3
 }
 
+# ---------------------------------------------------------------- standby ---
+
+PRIMARY_PORT=""
+
+# From here on the cluster functions above act on the standby: its data folder, port, socket,
+# log and lock (the primary's port is kept in PRIMARY_PORT).
+use_standby() {
+    PRIMARY_PORT="$PGPORT_NUM"
+    PGDATA_DIR="$STANDBY_PGDATA_DIR"
+    PGPORT_NUM="$STANDBY_PGPORT_NUM"
+    STATE_DIR="$(dirname "$PGDATA_DIR")"
+    SOCKET_DIR="$STATE_DIR"
+    SERVER_LOG="$STATE_DIR/postgresql.log"
+    LOCK_FILE="$STATE_DIR.lock"
+}
+
+# A standby streams the primary's WAL: wal_level replica (or logical) and a free WAL sender,
+# both only set by a restart. The script's own "start" spells them out (write_local_conf);
+# a primary started otherwise is told what to change, never restarted here.
+check_primary_streams() {
+    local wal_level senders
+    wal_level="$(psql_at "$PRIMARY_PORT" postgres -tAc "SHOW wal_level")"
+    senders="$(psql_at "$PRIMARY_PORT" postgres -tAc "SHOW max_wal_senders")"
+    [[ "$wal_level" != minimal && "$senders" -gt 0 ]] \
+        || die "the primary on port $PRIMARY_PORT has wal_level=$wal_level, max_wal_senders=$senders: a standby needs wal_level=replica and max_wal_senders > 0, which take a restart of the primary (its next \"start\" sets them)"
+}
+
+slot_query() {
+    psql_at "$PRIMARY_PORT" postgres -tAc "$1"
+}
+
+# The standby's settings (the base backup copied the primary's workers-local.conf: rewritten).
+# pg_stat_statements is preloaded here only, to watch which statements the standby serves.
+# hot_standby_feedback: the primary keeps the row versions the standby's reads still see,
+# rather than the standby cancelling those reads when it replays their removal.
+write_standby_conf() {
+    write_local_conf timescaledb,pg_stat_statements "hot_standby = on
+hot_standby_feedback = on"
+}
+
+make_standby() {
+    prepare_state_dir
+    # A slot left by a standby whose folder is gone holds WAL for nothing: dropped.
+    slot_query "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                WHERE slot_name = '$STANDBY_SLOT' AND NOT active" >/dev/null
+    log "making a standby of port $PRIMARY_PORT in $PGDATA_DIR (pg_basebackup, slot $STANDBY_SLOT)"
+    as_cluster_user "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$PRIMARY_PORT" -U "$DB_SUPERUSER" \
+        -D "$PGDATA_DIR" --write-recovery-conf --wal-method=stream --checkpoint=fast \
+        --create-slot --slot="$STANDBY_SLOT" 9>&- \
+        || die "pg_basebackup from port $PRIMARY_PORT failed"
+}
+
+# The standby has replayed the primary's WAL up to now (the database "workers" included).
+wait_until_replayed() {
+    local target _
+    target="$(psql_at "$PRIMARY_PORT" postgres -tAc "SELECT pg_current_wal_lsn()")"
+    for _ in $(seq 1 60); do
+        if [[ "$(psql_at "$PGPORT_NUM" postgres -tAc "SELECT pg_last_wal_replay_lsn() >= '$target'::pg_lsn")" == t ]]; then
+            return 0
+        fi
+        sleep 1
+    done
+    die "the standby on port $PGPORT_NUM did not replay the primary's WAL within 60 s (log: $SERVER_LOG)"
+}
+
+cmd_standby_start() {
+    cmd_start >/dev/null   # the primary, provisioned and running; PG_BIN set
+    PGPORT_NUM="$(running_port)"
+    use_standby
+    check_primary_streams
+    take_lock
+    is_initialised || make_standby
+    if is_running; then
+        log "standby already running on port $(running_port)"
+    else
+        write_standby_conf
+        start_server
+    fi
+    wait_until_ready "$(running_port)"
+    wait_until_replayed
+    log "standby ready"
+    dsn "$(running_port)"
+}
+
+cmd_standby_remove() {
+    use_standby
+    if select_pg_bin && is_running; then
+        cmd_stop
+    fi
+    take_lock
+    if [[ -d "$PGDATA_DIR" ]]; then
+        log "removing $PGDATA_DIR"
+        rm -rf -- "$PGDATA_DIR"
+    fi
+    PGDATA_DIR="$(realpath -m -- "${WORKERS_PGDATA:-/var/tmp/workers-timescaledb/data}")"
+    if select_pg_bin && is_running; then
+        slot_query "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                    WHERE slot_name = '$STANDBY_SLOT' AND NOT active" >/dev/null
+        log "dropped the slot $STANDBY_SLOT"
+    fi
+}
+
+cmd_standby() {
+    case "${1:-}" in
+        start)  cmd_standby_start ;;
+        stop)   use_standby; cmd_stop ;;
+        status) use_standby; cmd_status ;;
+        remove) cmd_standby_remove ;;
+        *) echo "usage: $0 standby start|stop|status|remove" >&2; exit 2 ;;
+    esac
+}
+
 main() {
     case "${1:-}" in
         start)  cmd_start ;;
         provision) provision_timescaledb ;;  # internal: what start installs
         stop)   cmd_stop ;;
         status) cmd_status ;;
-        *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+        standby) cmd_standby "${2:-}" ;;
+        *) echo "usage: $0 start|stop|status|standby start|stop|status|remove" >&2; exit 2 ;;
     esac
 }
 

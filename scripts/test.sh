@@ -2,7 +2,8 @@
 # Set everything up on this machine and run the test suite against a real TimescaleDB.
 # Database: WORKERS_TEST_DSN if set, else a testcontainers TimescaleDB when a Docker
 # engine answers, else the local cluster of scripts/local-timescaledb.sh (provisioned
-# here first, so that its progress is visible). Extra arguments go to pytest.
+# here first, so that its progress is visible), and that cluster's standby for the tests
+# of read replicas. Extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$("$root/scripts/setup-venv.sh" test | tail -n1)"
@@ -31,5 +32,8 @@ fi
 if [ -z "${WORKERS_TEST_DSN:-}" ] && ! docker info >/dev/null 2>&1; then
     "$root/scripts/local-timescaledb.sh" start >/dev/null
 fi
+# tests/test_replicas.py reads from a streaming standby of the local cluster (made and started
+# by the script; the test starts it too, so this is only to show its progress here).
+"$root/scripts/local-timescaledb.sh" standby start >/dev/null
 cd "$root"
 exec "$python" -m pytest "$@"

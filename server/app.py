@@ -7,12 +7,12 @@ import secrets
 
 from aiohttp import web
 
-from . import access, background, metrics, page, routes
+from . import access, background, metrics, page, replicas, routes
 from .config import Settings
 from .endpoints import ENDPOINTS
 from .limits import Limits
 from .apiserver import Apiserver
-from .keys import APISERVER, LIMITS, METRICS, POOL, READERS, REQUEST_OBSERVER, SETTINGS, SIGNING_KEY, WRITER
+from .keys import APISERVER, LIMITS, METRICS, POOL, READERS, REPLICAS, REQUEST_OBSERVER, SETTINGS, SIGNING_KEY, WRITER
 from .keys import ENDPOINTS as ENDPOINTS_KEY
 from .protocol import dispatch
 from .readers import Readers
@@ -22,7 +22,9 @@ from .storage.writer import ReportWriter
 
 async def _database(app: web.Application):
     settings = app[SETTINGS]
-    pool = await db.create_pool(settings.db_dsn, statement_timeout=settings.read_timeout_seconds)
+    pool = await db.create_pool(
+        settings.db_dsn, statement_timeout=settings.read_timeout_seconds, max_size=settings.db_pool_size
+    )
     async with pool.acquire() as conn:
         await db.migrate(conn)
         app[SIGNING_KEY] = settings.auth_secret or await credentials.signing_key(conn, secrets.token_urlsafe(48))
@@ -40,9 +42,12 @@ async def _database(app: web.Application):
     )
     await writer.start()
     app[POOL], app[WRITER] = pool, writer
-    app[READERS] = Readers(settings, app[METRICS])
+    app[REPLICAS] = replicas.from_settings(settings, pool_size=4)
+    app[READERS] = Readers(settings, app[METRICS], app[REPLICAS])
     yield
     app[READERS].close()
+    if app[REPLICAS] is not None:
+        await app[REPLICAS].close()
     await writer.close()
     await pool.close()
 

@@ -21,6 +21,9 @@ def _bool(text: str) -> bool:
 @dataclass(frozen=True)
 class Settings:
     db_dsn: str = DEFAULT_DSN
+    # Connections of each server process's pool (registrations, credentials, the sweeps): the
+    # largest term of a host's connection budget (docs/scaling.md).
+    db_pool_size: int = 10
     host: str = "0.0.0.0"
     port: int = 8008
     processes: int = 1
@@ -45,6 +48,10 @@ class Settings:
     read_nice: int = 10
     read_queue_seconds: float = 10.0
     read_queue_per_company: int = 16
+    # Streaming replicas (docs/replicas.md): comma-separated DSNs that serve the chart reads
+    # (empty: the primary serves them), while at most read_max_lag_seconds behind the primary.
+    read_dsn: str = ""
+    read_max_lag_seconds: float = 10.0
     # Retention of each tier, and the rollups' refresh
     # (docs/storage.md: what each costs per worker-day; raw reports are kept at least as long
     # as the 1-minute tier, which reads a variant's minutes from them)
@@ -116,7 +123,9 @@ class Settings:
     metrics_per_company: bool = False
 
     def __post_init__(self):
-        for name in ("silent_periods", "idle_gpu_minutes", "utilisation_minutes"):
+        if self.db_pool_size < 1:
+            raise ValueError("WORKERS_DB_POOL_SIZE must be at least 1")
+        for name in ("silent_periods", "idle_gpu_minutes", "utilisation_minutes", "read_max_lag_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"WORKERS_{name.upper()} must be greater than 0")
 

@@ -19,6 +19,7 @@ READERS = web.AppKey("readers", Readers)
 METRICS = web.AppKey("metrics", object)  # metrics.Metrics, or None when metrics are off
 REQUEST_OBSERVER = web.AppKey("request_observer", object)  # metrics.RequestObserver, or None
 APISERVER = web.AppKey("apiserver", object)  # apiserver.Apiserver, or None without WORKERS_APISERVER_URL
+REPLICAS = web.AppKey("replicas", object)  # replicas.Replicas of this process, or None without WORKERS_READ_DSN
 
 
 def _request_key(name: str, kind: type):

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from .admission import REFUSAL_CAUSES
 from .apiserver import FAILURE_CAUSES as APISERVER_FAILURE_CAUSES
+from .replicas import FALLBACK_CAUSES as REPLICA_FALLBACK_CAUSES
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -58,6 +59,9 @@ class Metrics:
     reads_refused: Any
     read_wait_seconds: Any
     apiserver_lookups_failed: Any
+    replica_fallbacks: Any
+    replica_up: Any
+    replica_lag: Any
     companies_counted: set[str] = field(default_factory=set)  # those of the per-company gauges
 
 
@@ -170,6 +174,28 @@ def create(known_endpoints, per_company: bool = False) -> Metrics:
             ["cause"],
             registry=registry,
         ),
+        replica_fallbacks=prom.Counter(
+            "workers_replica_fallbacks",
+            "Reads meant for a replica (WORKERS_READ_DSN) that the primary served, by cause: down (no "
+            "replica answered), lag (none within WORKERS_READ_MAX_LAG_SECONDS), conflict (the replica "
+            "cancelled the read while replaying)",
+            ["cause"],
+            registry=registry,
+        ),
+        replica_up=prom.Gauge(
+            "workers_replica_up",
+            "Whether each replica answered its last check (1) or not (0)",
+            ["replica"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        ),
+        replica_lag=prom.Gauge(
+            "workers_replica_lag_seconds",
+            "How far each replica's data was behind the primary at its last check (while it is up)",
+            ["replica"],
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        ),
     )
     # Every series exists from the start at 0, so that rate() and ratios see their first samples.
     for endpoint in known_endpoints:
@@ -182,7 +208,22 @@ def create(known_endpoints, per_company: bool = False) -> Metrics:
         metrics.reads_refused.labels(cause)
     for cause in APISERVER_FAILURE_CAUSES:
         metrics.apiserver_lookups_failed.labels(cause)
+    for cause in REPLICA_FALLBACK_CAUSES:
+        metrics.replica_fallbacks.labels(cause)
     return metrics
+
+
+def observe_replicas(metrics: Metrics | None, cause: str | None, health: dict[str, tuple[bool, float | None]]) -> None:
+    """A read meant for a replica: its fallback cause (None: a replica served it), and each
+    replica's health as the process that read last checked it (replicas.Replicas.health)."""
+    if metrics is None:
+        return
+    if cause is not None:
+        metrics.replica_fallbacks.labels(cause).inc()
+    for replica, (up, lag) in health.items():
+        metrics.replica_up.labels(replica).set(up)
+        if lag is not None:
+            metrics.replica_lag.labels(replica).set(lag)
 
 
 def set_health(metrics: Metrics, counts) -> None:

@@ -15,7 +15,10 @@ choice. With WORKERS_READ_PROCESSES=0 the reads run in the server process (admit
 same way, one at a time).
 
 A read is a module-level coroutine function `read(pool, settings, company, body) -> dict`
-(server/endpoints/workers.py), passed to the reader by reference.
+(server/endpoints/workers.py), passed to the reader by reference. One marked
+`replicas.on_replica` is given a replica's pool when one can serve it (server/replicas.py);
+the reader tells the server process whether the primary served it instead, and why, for the
+metrics.
 """
 
 import asyncio
@@ -32,7 +35,7 @@ from typing import Awaitable, Callable
 import asyncpg
 import orjson
 
-from . import errors, serving
+from . import errors, metrics as metrics_, replicas, serving
 from .admission import ReadAdmission
 from .config import Settings
 from .errors import ApiError
@@ -51,8 +54,11 @@ PARENT_CHECK_SECONDS = 1.0
 class Readers:
     """The reader processes of one server process, and the admission in front of them."""
 
-    def __init__(self, settings: Settings, metrics=None):
+    def __init__(self, settings: Settings, metrics=None, replicas_here: replicas.Replicas | None = None):
+        """`replicas_here`: the server process's replicas, for reads made here (no reader processes)."""
         self._settings = settings
+        self._metrics = metrics
+        self._replicas = replicas_here
         self.admission = ReadAdmission(
             max(1, settings.read_processes), settings.read_queue_seconds, settings.read_queue_per_company, metrics
         )
@@ -63,8 +69,14 @@ class Readers:
         when there are no reader processes."""
         async with self.admission.admitted(company):
             if self._settings.read_processes == 0:
-                return await read(pool, self._settings, company, body)
+                answer, route = await _routed(self._replicas, read, pool, self._settings, company, body)
+                self._observe(route)
+                return answer
             return orjson.Fragment(await self._in_reader(read, company, body))
+
+    def _observe(self, route: tuple | None) -> None:
+        if route is not None:
+            metrics_.observe_replicas(self._metrics, *route)
 
     async def _in_reader(self, read: Read, company: str, body: dict) -> bytes:
         executor = self._executor or self._start()
@@ -78,7 +90,9 @@ class Readers:
             log.error("a reader process died during %s; starting new ones", read.__name__)
             raise ApiError(errors.READS_BUSY, "the reader process stopped during this read; retry later", retry_after=1)
         if outcome == OK:
-            return details[0]
+            data, route = details
+            self._observe(route)
+            return data
         if outcome == UNAVAILABLE:
             raise ConnectionError(f"database unavailable to the reader: {details[0]}")
         code, message, retry_after = details
@@ -107,6 +121,7 @@ class _Reader:
     settings: Settings
     loop: asyncio.AbstractEventLoop
     pool: asyncpg.Pool | None = None
+    replicas_here: replicas.Replicas | None = None  # its own (server/replicas.py)
 
 
 _reader: _Reader | None = None
@@ -117,7 +132,7 @@ def _start_reader(settings: Settings, server_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops its readers
     os.nice(settings.read_nice)
     threading.Thread(target=_leave_with, args=(server_pid,), name="leave-with-server", daemon=True).start()
-    _reader = _Reader(settings, serving.new_event_loop())
+    _reader = _Reader(settings, serving.new_event_loop(), replicas_here=replicas.from_settings(settings))
 
 
 def _leave_with(server_pid: int) -> None:
@@ -128,11 +143,12 @@ def _leave_with(server_pid: int) -> None:
 
 
 def _read_here(read: Read, company: str, body: dict) -> tuple:
-    """(OK, the data serialized), (FAILED, code, message, retry_after) for an error the
-    client is told, or (UNAVAILABLE, why): plain tuples, whatever the exception's class."""
+    """(OK, the data serialized, route: see `_routed`), (FAILED, code, message, retry_after)
+    for an error the client is told, or (UNAVAILABLE, why): plain tuples, whatever the
+    exception's class."""
     reader = _reader
     try:
-        return OK, reader.loop.run_until_complete(_serialized(reader, read, company, body))
+        return OK, *reader.loop.run_until_complete(_serialized(reader, read, company, body))
     except ApiError as error:
         return FAILED, (error.result_code, error.result_subcode), error.message, error.retry_after
     except UNAVAILABLE_ERRORS as error:
@@ -142,10 +158,22 @@ def _read_here(read: Read, company: str, body: dict) -> tuple:
         return UNAVAILABLE, repr(error)
 
 
-async def _serialized(reader: _Reader, read: Read, company: str, body: dict) -> bytes:
+async def _serialized(reader: _Reader, read: Read, company: str, body: dict) -> tuple[bytes, tuple | None]:
     settings = reader.settings
     if reader.pool is None:
         reader.pool = await db.create_pool(
             settings.db_dsn, statement_timeout=settings.read_timeout_seconds, connect_timeout=5, max_size=2
         )
-    return orjson.dumps(await read(reader.pool, settings, company, body), option=SERIALIZE)
+    answer, route = await _routed(reader.replicas_here, read, reader.pool, settings, company, body)
+    return orjson.dumps(answer, option=SERIALIZE), route
+
+
+async def _routed(
+    replicas_here: replicas.Replicas | None, read: Read, primary: asyncpg.Pool, settings: Settings, company: str, body: dict
+) -> tuple[dict, tuple | None]:
+    """`read`'s answer, from a replica when it may and one can serve it; and its route: None
+    for a read of the primary's, else (the fallback cause or None, the replicas' health)."""
+    if replicas_here is None or not replicas.served_by_replica(read):
+        return await read(primary, settings, company, body), None
+    answer, cause = await replicas_here.run(lambda pool: read(pool, settings, company, body), primary)
+    return answer, (cause, replicas_here.health())

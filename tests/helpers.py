@@ -85,22 +85,23 @@ async def table_snapshot(conn) -> dict:
     }
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
 def start_server(
-    dsn: str, log: Path, *, processes: int = 1, env: dict | None = None, own_group: bool = False
+    dsn: str, log: Path, *, processes: int = 1, env: dict | None = None, own_group: bool = False,
+    host: str = "127.0.0.1",
 ) -> tuple[subprocess.Popen, str]:
-    """`python -m server serve` as in production, on a free port; (process, base url).
+    """`python -m server serve` as in production, on a free port of `host`; (process, base url).
     Its output goes to `log`; `wait_until_ready` waits for it to answer. `own_group`: in a
     process group of its own, as a terminal's foreground job (Ctrl-C signals the group)."""
-    port = free_port()
+    port = free_port(host)
     with open(log, "w") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "server", "serve", "--host", host, "--port", str(port),
              "--processes", str(processes)],
             cwd=ROOT,
             env={**os.environ, "WORKERS_DB_DSN": dsn, **(env or {})},
@@ -108,7 +109,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             process_group=0 if own_group else None,
         )
-    return process, f"http://127.0.0.1:{port}"
+    return process, f"http://{host}:{port}"
 
 
 def fetch(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):

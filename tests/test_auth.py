@@ -1,12 +1,14 @@
 """Authentication (SPEC §1): auth.login, Bearer and Basic credentials, every 401, revocation,
 secrets at rest, the credentials command, and isolation between companies."""
 
+import asyncio
 import base64
 import os
 import subprocess
 import sys
 import time
 
+import asyncpg
 import jwt
 import orjson
 import pytest
@@ -282,3 +284,22 @@ async def test_credentials_ensure_keeps_working_credentials_and_replaces_revoked
     replaced = printed(_cli(dsn, *ensure))
     assert replaced["access_key"] != first["access_key"]
     assert printed(_cli(dsn, *ensure)) == replaced
+
+
+async def test_servers_starting_together_on_a_new_database_agree_on_the_signing_key(dsn):
+    """The first server's key is stored but not committed yet when the second asks: the
+    second waits for it and answers the same key, not none (every login of that process
+    failed before)."""
+    first, second = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        await first.execute("DELETE FROM token_signing_key")
+        async with first.transaction():
+            stored = await credentials.signing_key(first, "the-first-server's-key")
+            waiting = asyncio.create_task(credentials.signing_key(second, "the-second-server's-key"))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # blocked on the first's uncommitted row
+        assert stored == "the-first-server's-key"
+        assert await asyncio.wait_for(waiting, 10) == stored
+    finally:
+        await first.close()
+        await second.close()

@@ -4,7 +4,7 @@ the shipped routing proxy; and the same daemon with `--dynamic-gpus` and with
 
 A real nginx, run by the test (as its user, no service) with a configuration generated from
 `deploy/nginx/clearml-workers.conf` (only its listen port and its two upstream addresses
-replaced; pid, log and temp paths added), sends `workers.*` to this service (a test server
+replaced; pid, log and temp paths added: nginx_proxy.py), sends `workers.*` to this service (a test server
 on the test database, configured with the apiserver's token secret) and everything else to
 a stand-in apiserver (`apiserver_standin.py`: login, queues, no task ever). The daemon logs
 in at the stand-in, registers with its queue, its resource monitor reports this machine's
@@ -15,26 +15,20 @@ Everything listens on 127.0.0.1; every wait is bounded; nginx and the daemon are
 in their own process groups and stopped (then killed) in teardown.
 """
 
-import asyncio
-import getpass
-import grp
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
 from apiserver_standin import ApiServer, create_app
-from helpers import ROOT, free_port
+from helpers import free_port
+from nginx_proxy import eventually, running_nginx, stop
 
-SHIPPED_CONFIG = ROOT / "deploy" / "nginx" / "clearml-workers.conf"
 TOKEN_SECRET = "apiserver-token-secret-of-this-test"
 WORKER = "e2e-host:cpu:0"
 REPORT_SECONDS = 2
@@ -44,54 +38,6 @@ AGENT_CONFIG = """
 agent { disable_agent_update_check: true }
 api.http { wait_on_maintenance_forever: false, retries { total: 1 } }
 """
-
-
-def nginx_config(tmp: Path, listen: int, apiserver: int, workers: int) -> str:
-    """The shipped configuration with its placeholders replaced, in a minimal nginx.conf."""
-    routing = SHIPPED_CONFIG.read_text()
-    for placeholder, value in (
-        ("listen 8008;", f"listen 127.0.0.1:{listen};"),
-        ("server apiserver:8008;", f"server 127.0.0.1:{apiserver};"),
-        ("server workers:8008;", f"server 127.0.0.1:{workers};"),
-    ):
-        assert routing.count(placeholder) == 1, placeholder
-        routing = routing.replace(placeholder, value)
-    # As root, the worker processes would switch to `nobody`, who cannot enter tmp_path.
-    user = f"user {getpass.getuser()} {grp.getgrgid(os.getgid()).gr_name};" if os.geteuid() == 0 else ""
-    temp_paths = "".join(f"    {kind}_temp_path {tmp / kind};\n" for kind in ("client_body", "proxy", "fastcgi",
-                                                                             "uwsgi", "scgi"))
-    return (
-        f"{user}\nworker_processes 1;\ndaemon off;\npid {tmp / 'nginx.pid'};\nerror_log {tmp / 'error.log'} info;\n"
-        f"events {{ worker_connections 128; }}\n"
-        f"http {{\n    log_format routed '$request_method $uri $status $upstream_addr';\n"
-        f"    access_log {tmp / 'access.log'} routed;\n{temp_paths}{routing}}}\n"
-    )
-
-
-async def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15) -> None:
-    """Signal a process we started; kill its process group if it is not gone within `grace`.
-    The event loop keeps serving meanwhile: the daemon unregisters through the test servers."""
-    if process.poll() is None:
-        process.send_signal(sig)
-        deadline = time.monotonic() + grace
-        while process.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # what is left of its group (nginx's worker, ...)
-    except ProcessLookupError:
-        pass
-    process.wait(5)
-
-
-async def eventually(check, what: str, timeout: float = 30, log: Path | None = None):
-    """Poll `check()` (a coroutine function) until it returns a true value, at most `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not (result := await check()):
-        if time.monotonic() > deadline:
-            tail = log.read_text()[-3000:] if log and log.exists() else ""
-            pytest.fail(f"timed out waiting for {what}\n{tail}")
-        await asyncio.sleep(0.25)
-    return result
 
 
 @pytest.fixture
@@ -112,26 +58,9 @@ async def workers(make_client, apiserver):
 @pytest.fixture
 async def proxy(tmp_path, apiserver, workers):
     """A real nginx running the shipped routing rules; yields its base URL."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert os.access(nginx, os.X_OK), "nginx is missing: scripts/test.sh installs it (apt-get install nginx)"
-    folder = tmp_path / "nginx"
-    folder.mkdir()
-    port = free_port()
-    (folder / "nginx.conf").write_text(nginx_config(folder, port, apiserver.server.port, workers.server.port))
-    process = subprocess.Popen(
-        [nginx, "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(folder / "nginx.conf")],
-        stdout=subprocess.DEVNULL, stderr=open(folder / "stderr.log", "w"), start_new_session=True,
-    )
-    try:
-        async def listening():
-            assert process.poll() is None, (folder / "stderr.log").read_text() + (folder / "error.log").read_text()
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        await eventually(listening, "nginx to listen", timeout=10)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await stop(process, signal.SIGQUIT, grace=5)
+    async with running_nginx(tmp_path / "nginx", free_port(), f"127.0.0.1:{apiserver.server.port}",
+                             [f"127.0.0.1:{workers.server.port}"]) as url:
+        yield url
 
 
 @pytest.fixture
@@ -236,7 +165,7 @@ async def terminate_and_see_it_unregister(daemon, session, proxy: str, token: st
 def routed(tmp_path: Path) -> list[tuple[str, str, str, str]]:
     """nginx's log of the calls: (method, endpoint, status, upstream address)."""
     lines = (tmp_path / "nginx" / "access.log").read_text().splitlines()
-    return [(method, path.rsplit("/", 1)[-1], status, upstream) for method, path, status, upstream in map(str.split, lines)]
+    return [(method, path.rsplit("/", 1)[-1], status, upstream) for _, method, path, status, upstream in map(str.split, lines)]
 
 
 async def test_daemon_through_the_proxy(apiserver, workers, proxy, start_daemon, db_conn, tmp_path):

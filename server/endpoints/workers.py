@@ -11,8 +11,10 @@ from .. import errors, limits, schemas
 from ..apiserver import NO_NAMES, Names
 from ..errors import ApiError
 from ..config import Settings
-from ..keys import APISERVER, LIMITS, POOL, READERS, WRITER
+from ..keys import APISERVER, LIMITS, METRICS, POOL, READERS, REPLICAS, WRITER
+from ..metrics import observe_replicas
 from ..protocol import Call, client_ip
+from ..replicas import on_replica
 from ..storage import charts, registrations, rollups, statistics
 from ..storage.registrations import WorkerFilter
 from ..storage.writer import Report
@@ -187,6 +189,16 @@ async def heavy_read(call: Call, read, body: dict):
     return await app[READERS].run(read, app[POOL], call.identity.company, body)
 
 
+async def _on_replica(call: Call, read_on):
+    """`read_on(pool)` in this process, on a replica when one can serve it (server/replicas.py)."""
+    app = call.request.app
+    if app[REPLICAS] is None:
+        return await read_on(app[POOL])
+    answer, cause = await app[REPLICAS].run(read_on, app[POOL])
+    observe_replicas(app[METRICS], cause, app[REPLICAS].health())
+    return answer
+
+
 async def get_count(call: Call) -> dict:
     body = schemas.load(schemas.worker_filter_request, call.body)
     count = await registrations.count(call.request.app[POOL], call.identity.company, _worker_filter(body, 0))
@@ -196,7 +208,7 @@ async def get_count(call: Call) -> dict:
 async def get_metric_keys(call: Call) -> dict:
     body = schemas.load(schemas.metric_keys_request, call.body)
     _check_worker_ids(call, body)
-    keys = await statistics.metric_keys(call.request.app[POOL], call.identity.company, body.get("worker_ids", []))
+    keys = await _on_replica(call, lambda pool: statistics.metric_keys(pool, call.identity.company, body.get("worker_ids", [])))
     if not keys:
         raise ApiError(errors.WORKER_STATS_NOT_FOUND, "Worker stats not found for the requested workers")
     by_category = defaultdict(list)
@@ -240,8 +252,9 @@ def check_dates(body: dict) -> None:
 
 async def chart_sources(
     pool, settings: Settings, company: str, body: dict, worker_ids: list[str], split_by_variant: bool = False
-) -> tuple[int, list[int], list[charts.Segment]]:
-    """The effective interval, the buckets, and the sources that serve them (storage/charts.py)."""
+) -> tuple[list[int], charts.Plan]:
+    """The buckets, and what the chart reads to fill them (storage/charts.py: which sources
+    serve what is decided in the read's own snapshot)."""
     from_date, to_date = body["from_date"], body["to_date"]
     interval = max(body["interval"], settings.min_chart_interval)
     now = time.time()
@@ -253,13 +266,13 @@ async def chart_sources(
         interval = charts.choose_interval(interval, from_date, now, settings.retention, raw_affordable, split_by_variant)
     buckets = _bucket_starts(from_date, to_date, interval, settings.max_chart_buckets, body["include_partial_bucket"])
     if not buckets:
-        return interval, buckets, []
+        return buckets, charts.Plan(from_date, from_date, interval, split_by_variant)
     end = buckets[-1] + interval
     if not settings.read_from_rollups:
-        return interval, buckets, [charts.Segment(charts.RAW, from_date, min(to_date + charts.RESOLUTION, end))]
+        high = min(to_date + charts.RESOLUTION, end)
+        return buckets, charts.Plan(from_date, high, interval, split_by_variant, from_rollups=False)
     low, high = charts.read_range(from_date, to_date, buckets[0], end, now, settings.retention)
-    exact_before = await rollups.read_watermark(pool, company)
-    return interval, buckets, charts.segments(low, high, interval, exact_before, split_by_variant)
+    return buckets, charts.Plan(low, high, interval, split_by_variant)
 
 
 def with_partial(answer: dict, body: dict, interval: int, buckets: list[int]) -> dict:
@@ -286,9 +299,10 @@ async def get_stats(call: Call) -> dict:
     return await heavy_read(call, stats, body)
 
 
+@on_replica
 async def stats(pool, settings: Settings, company: str, body: dict) -> dict:
     worker_ids = body.get("worker_ids", [])
-    interval, buckets, pieces = await chart_sources(pool, settings, company, body, worker_ids, body["split_by_variant"])
+    buckets, plan = await chart_sources(pool, settings, company, body, worker_ids, body["split_by_variant"])
     aggregations: dict[str, list[str]] = {}
     for item in body["items"]:
         wanted = aggregations.setdefault(item["key"], [])
@@ -298,16 +312,7 @@ async def stats(pool, settings: Settings, company: str, body: dict) -> dict:
     # after it: the series found (variants, and workers no longer registered, included).
     workers = await _workers_asked(pool, company, worker_ids)
     limits.check_series_buckets(settings, workers * len(aggregations), len(buckets))
-    found = await charts.stats(
-        pool,
-        company,
-        pieces,
-        interval=interval,
-        buckets=buckets,
-        metrics=list(aggregations),
-        worker_ids=worker_ids,
-        split_by_variant=body["split_by_variant"],
-    )
+    found = await charts.stats(pool, company, plan, buckets=buckets, metrics=list(aggregations), worker_ids=worker_ids)
     limits.check_series_buckets(settings, len(found), len(buckets))
     # With reads in the server process (WORKERS_READ_PROCESSES=0), a fleet's answer of
     # thousands of series is made in a thread, so that the event loop answers status reports
@@ -317,7 +322,7 @@ async def stats(pool, settings: Settings, company: str, body: dict) -> dict:
         workers = await asyncio.to_thread(_stats_answer, found, buckets, aggregations, empty)
     else:
         workers = _stats_answer(found, buckets, aggregations, empty)
-    return with_partial({"workers": workers}, body, interval, buckets)
+    return with_partial({"workers": workers}, body, plan.interval, buckets)
 
 
 def _stats_answer(
@@ -366,13 +371,14 @@ async def get_activity_report(call: Call) -> dict:
     return await heavy_read(call, activity, body)
 
 
+@on_replica
 async def activity(pool, settings: Settings, company: str, body: dict) -> dict:
     worker_ids = body.get("worker_ids", [])
-    interval, buckets, pieces = await chart_sources(pool, settings, company, body, worker_ids)
-    total, active = await charts.activity(pool, company, pieces, interval=interval, buckets=buckets, worker_ids=worker_ids)
+    buckets, plan = await chart_sources(pool, settings, company, body, worker_ids)
+    total, active = await charts.activity(pool, company, plan, buckets=buckets, worker_ids=worker_ids)
     dates = [bucket * 1000 for bucket in buckets]  # milliseconds, as the reference server answers
     answer = {"total": {"dates": dates, "counts": total}, "active": {"dates": dates, "counts": active}}
-    return with_partial(answer, body, interval, buckets)
+    return with_partial(answer, body, plan.interval, buckets)
 
 
 ENDPOINTS = {

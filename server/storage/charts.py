@@ -90,6 +90,27 @@ def segments(low: float, high: float, interval: int, exact_before: float, split_
     return _split(low, high, resolutions, exact_before)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a chart reads: report times in [low, high), bucketed by `interval`; from the
+    rollups wherever they are exact (`from_rollups`), else raw reports only."""
+
+    low: float
+    high: float
+    interval: int
+    split_by_variant: bool = False
+    from_rollups: bool = True
+
+    async def segments(self, conn, company: str) -> list[Segment]:
+        """The segments, as the rollups stand in the snapshot of `conn`'s transaction: their
+        `materialized` mark and pending invalidations are read with the blocks they describe
+        (a replica, or a refresh committing meanwhile, cannot pair one with the other's)."""
+        if not self.from_rollups:
+            return [Segment(RAW, self.low, self.high)] if self.low < self.high else []
+        exact_before = await rollups.read_watermark(conn, company)
+        return segments(self.low, self.high, self.interval, exact_before, self.split_by_variant)
+
+
 def _split(low: float, high: float, resolutions: list[int], exact_before: float) -> list[Segment]:
     if low >= high:
         return []
@@ -183,30 +204,27 @@ Series = dict[tuple[str, str, str | None], dict[str, np.ndarray]]
 async def stats(
     pool,
     company: str,
-    pieces: list[Segment],
+    plan: Plan,
     *,
-    interval: int,
     buckets: list[int],
     metrics: list[str],
     worker_ids: list[str],
-    split_by_variant: bool,
 ) -> Series:
-    if not pieces:
-        return {}
-
     async def read(conn):
         known_workers = await ids.workers_of_company(conn, company)
         workers = _chosen(known_workers, worker_ids)
         metric_ids = await ids.metrics_by_name(conn, company, metrics)
         if not workers or not metric_ids:
             return None
+        pieces = await plan.segments(conn, company)
         fetched = await _fetch(conn, company, pieces, list(metric_ids.values()), workers, every_worker=not worker_ids)
-        return known_workers, metric_ids, fetched
+        return known_workers, metric_ids, pieces, fetched
 
-    found = await read_snapshot(pool, read)
+    found = await read_snapshot(pool, read) if buckets else None
     if found is None:
         return {}
-    known_workers, metric_ids, fetched = found
+    known_workers, metric_ids, pieces, fetched = found
+    interval, split_by_variant = plan.interval, plan.split_by_variant
 
     def compute() -> Series:
         rows = _rows(pieces, fetched, interval, list(metric_ids.values()), split_by_variant)
@@ -242,21 +260,24 @@ def _series(rows: Aggregates, first: int, count: int, worker_names, metric_names
 
 
 async def activity(
-    pool, company: str, pieces: list[Segment], *, interval: int, buckets: list[int], worker_ids: list[str] = ()
+    pool, company: str, plan: Plan, *, buckets: list[int], worker_ids: list[str] = ()
 ) -> tuple[list, list]:
     """Distinct reporting workers (`total`) and those running a task (`active`) per bucket,
     of `worker_ids` (empty: every worker of the company)."""
-    if not pieces:
-        return [0] * len(buckets), [0] * len(buckets)
 
     async def read(conn):
         known_workers = await ids.workers_of_company(conn, company)
         workers = _chosen(known_workers, worker_ids)
-        return await _fetch(conn, company, pieces, None, workers, every_worker=not worker_ids) if workers else None
+        if not workers:
+            return None
+        pieces = await plan.segments(conn, company)
+        return pieces, await _fetch(conn, company, pieces, None, workers, every_worker=not worker_ids)
 
-    fetched = await read_snapshot(pool, read)
-    if fetched is None:
+    found = await read_snapshot(pool, read) if buckets else None
+    if found is None:
         return [0] * len(buckets), [0] * len(buckets)
+    pieces, fetched = found
+    interval = plan.interval
 
     def compute() -> tuple[list, list]:
         rows = _rows(pieces, fetched, interval, None, False)

@@ -35,6 +35,7 @@ WITH created AS (
 )
 SELECT secret FROM created UNION ALL SELECT secret FROM token_signing_key LIMIT 1
 """
+_STORED_SIGNING_KEY = "SELECT secret FROM token_signing_key"
 
 
 async def create(db, access_key: str, secret_hash: str, company: str, user: str) -> None:
@@ -55,5 +56,10 @@ async def revoke(db, access_key: str) -> bool:
 
 
 async def signing_key(db, candidate: str) -> str:
-    """The stored token signing key, storing `candidate` if there is none yet."""
-    return await db.fetchval(_SIGNING_KEY, candidate)
+    """The stored token signing key, storing `candidate` if there is none yet.
+
+    Servers that start together on a new database race to store theirs: the statement of
+    each loser waits for the winner's, then stores nothing and cannot see the winner's row
+    either (its snapshot is older), so it reads the key again."""
+    key = await db.fetchval(_SIGNING_KEY, candidate)
+    return key if key is not None else await db.fetchval(_STORED_SIGNING_KEY)

@@ -30,12 +30,18 @@ UNAVAILABLE_ERRORS = (
 
 
 async def create_pool(
-    dsn: str, *, statement_timeout: float = 30.0, connect_timeout: float = 30.0, max_size: int = 10
+    dsn: str,
+    *,
+    statement_timeout: float = 30.0,
+    connect_timeout: float = 30.0,
+    max_size: int = 10,
+    attempt_timeout: float = 60.0,
 ) -> asyncpg.Pool:
     """Open a pool, retrying while the database is still starting (as under docker compose).
 
     The database cancels a statement after `statement_timeout` seconds (a chart read too
     heavy to answer); the client gives up a little later, when the server does not answer.
+    Each attempt to connect gives up after `attempt_timeout` seconds (asyncpg's default).
     """
     deadline = asyncio.get_running_loop().time() + connect_timeout
     while True:
@@ -44,6 +50,7 @@ async def create_pool(
                 dsn,
                 min_size=1,
                 max_size=max_size,
+                timeout=attempt_timeout,
                 command_timeout=statement_timeout + 30,
                 server_settings={
                     "statement_timeout": str(int(statement_timeout * 1000)),
