@@ -39,6 +39,10 @@ OPERATIONS = {
         schemas.get_runtime_properties_request,
         "A worker's runtime properties (API version 2.10 and later)",
     ),
+    "workers.get_queues": (
+        schemas.queues_request,
+        "Extension: per queue, its live, busy and idle workers now, and over a range the workers listening and busy",
+    ),
 }
 
 SECURITY_SCHEMES = {

@@ -1,4 +1,4 @@
-"""Heavy reads (get_stats, get_activity_report, get_all) computed in reader processes.
+"""Heavy reads (get_stats, get_activity_report, get_all, get_queues) computed in reader processes.
 
 A fleet chart is tens of milliseconds of decoding and aggregating, and get_all of thousands
 of workers as long building its answer: done in the server process, the event loop (or a

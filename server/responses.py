@@ -191,6 +191,45 @@ class ActivityReport(Strict):
     partial_since = PartialSince
 
 
+class QueueWorkers(Strict):
+    workers = fields.Integer(required=True)
+    cores = fields.Integer(required=True, metadata={"description": "the values of their last cpu_usage list"})
+    gpus = fields.Integer(required=True, metadata={"description": "the values of their last gpu_usage list"})
+    memory = fields.Float(
+        required=True, metadata={"description": "their last memory_used + memory_free, as sent (MB from clearml-agent)"}
+    )
+
+
+class QueueChart(Strict):
+    listening = fields.List(
+        fields.Integer(), required=True, metadata={"description": "one per date: the workers that listened to the queue"}
+    )
+    busy = fields.List(
+        fields.Integer(), required=True, metadata={"description": "one per date: of those, the workers that ran a task"}
+    )
+
+
+class Queue(Strict):
+    queue = fields.String(required=True, metadata={"description": "the queue's id, as the workers report it"})
+    live = fields.Nested(QueueWorkers, required=True, metadata={"description": "now: the live workers listening to it"})
+    busy = fields.Nested(QueueWorkers, required=True, metadata={"description": "now: of those, the ones running a task"})
+    idle = fields.Nested(QueueWorkers, required=True, metadata={"description": "now: of those, the others"})
+    chart = fields.Nested(QueueChart, metadata={"description": "with a range: per bucket of `dates`"})
+
+
+class Queues(Strict):
+    queues = fields.List(
+        fields.Nested(Queue),
+        required=True,
+        metadata={"description": "every queue a live worker listens to, and with a range every queue listened to in it; "
+                  "by id"},
+    )  # fmt: skip
+    dates = fields.List(
+        fields.Integer(), metadata={"description": "with a range: each bucket's start, in milliseconds since the epoch"}
+    )
+    partial_since = PartialSince
+
+
 class RuntimePropertyValue(Strict):
     key = fields.String(required=True)
     value = fields.String(required=True)
@@ -235,4 +274,5 @@ DATA = {
     "workers.get_activity_report": ActivityReport,
     "workers.set_runtime_properties": RuntimePropertiesChanged,
     "workers.get_runtime_properties": RuntimeProperties,
+    "workers.get_queues": Queues,
 }

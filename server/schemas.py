@@ -272,17 +272,21 @@ class MetricKeysRequest(RequestSchema):
     worker_ids = TextList()
 
 
-class TimeRangeRequest(RequestSchema):
-    from_date = Number(required=True, non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS))
-    to_date = Number(required=True, non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS))
-    interval = Integer(required=True, minimum=1)
-    include_partial_bucket = Boolean(
+def partial_bucket() -> Boolean:
+    return Boolean(
         load_default=False,
         metadata={
             "description": "extension: also answer the last bucket when the range ends before it does (it is "
             "left out by default); the answer's `partial_since` then gives that bucket's start"
         },
     )
+
+
+class TimeRangeRequest(RequestSchema):
+    from_date = Number(required=True, non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS))
+    to_date = Number(required=True, non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS))
+    interval = Integer(required=True, minimum=1)
+    include_partial_bucket = partial_bucket()
 
 
 class StatItem(RequestSchema):
@@ -306,6 +310,21 @@ class StatsRequest(TimeRangeRequest):
 
 class ActivityRequest(TimeRangeRequest):
     worker_ids = TextList(metadata={"description": "extension: count only these workers (default: every worker)"})
+
+
+class QueuesRequest(RequestSchema):
+    """workers.get_queues (an extension): the range is optional, but whole when given."""
+
+    from_date = Number(
+        non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS),
+        metadata={"description": "with to_date and interval: chart the queues over this range (seconds)"},
+    )  # fmt: skip
+    to_date = Number(non_negative=True, validate=validate.Range(max=MAX_DATE_SECONDS))
+    interval = Integer(minimum=1, metadata={"description": "seconds, as get_activity_report's"})
+    include_partial_bucket = partial_bucket()
+
+
+RANGE_FIELDS = ("from_date", "to_date", "interval")
 
 
 class RuntimeProperty(RequestSchema):
@@ -368,3 +387,4 @@ activity_request = ActivityRequest()
 stats_request = StatsRequest()
 set_runtime_properties_request = SetRuntimePropertiesRequest()
 get_runtime_properties_request = GetRuntimePropertiesRequest()
+queues_request = QueuesRequest()

@@ -18,7 +18,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The workers.* endpoints: the eight of the original API, and the runtime properties.
+# The workers.* endpoints: the eight of the original API, the runtime properties, and ours.
 WORKER_ENDPOINTS = [
     "workers.register",
     "workers.unregister",
@@ -30,6 +30,7 @@ WORKER_ENDPOINTS = [
     "workers.get_activity_report",
     "workers.set_runtime_properties",
     "workers.get_runtime_properties",
+    "workers.get_queues",
 ]
 
 

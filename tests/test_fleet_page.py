@@ -877,3 +877,42 @@ def test_the_screenshot_script_takes_the_page(fleet, tmp_path):
     png = output.read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert struct.unpack(">II", png[16:24])[0] == 1280  # the IHDR's width
+
+
+def queue_rows(driver) -> dict[str, list[str]]:
+    return {row.get_attribute("data-queue"): [text_of(cell) for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in driver.find_elements(By.CSS_SELECTOR, "#queues tbody tr")}
+
+
+def test_the_queue_view_counts_each_queue_and_charts_the_chosen_one(browser, fleet):
+    signed_in(browser, fleet)
+    machines = demo.fleet(4, seed=11)  # the fleet fixture's machines
+    wait(browser, lambda: HOSTILE_QUEUE in queue_rows(browser), "the queue table")
+    rows = queue_rows(browser)
+    assert set(rows) == {HOSTILE_QUEUE, *(queue for m in machines for queue in m.queues)}
+    # Every demo machine listens to "default": their workers, cores and GPUs add up.
+    default = rows["default"]
+    assert default[0] == "default" and int(default[1]) == len(machines)
+    assert int(default[2]) + int(default[3]) == len(machines)
+    assert default[4] == "–" or default[4].endswith(" %")
+    assert (int(default[5]), int(default[6])) == (sum(m.cores for m in machines), sum(m.gpus for m in machines))
+    assert default[7].endswith(" GB")
+    # The hostile worker's queue shows as text, busy (its reports carry a task); a click charts it.
+    assert rows[HOSTILE_QUEUE][:5] == [HOSTILE_QUEUE, "1", "1", "0", "100 %"]
+
+    def choose_hostile():
+        try:
+            [row] = [r for r in browser.find_elements(By.CSS_SELECTOR, "#queues tbody tr")
+                     if r.get_attribute("data-queue") == HOSTILE_QUEUE]
+            row.click()
+            return True
+        except StaleElementReferenceException:  # a refresh replaced the rows meanwhile
+            return False
+
+    wait(browser, choose_hostile, "a click on the hostile queue's row")
+    chart = wait(browser, lambda: figures(browser, "queue-chart").get(HOSTILE_QUEUE), "the hostile queue's chart")
+    assert legend_names(chart) == ["listening", "busy"]
+    wait(browser, lambda: int(chart.get_attribute("data-nonzero") or 0) > 0, "queue data")
+    points, first, last, nonzero = chart_state(chart)
+    assert 239 <= points <= 241 and abs(first - (time.time() - 3600)) < 60 and nonzero >= points - 2
+    assert browser.find_element(By.ID, "queue-note").text == "last 1 h, every worker"

@@ -58,6 +58,15 @@ def report_times(worker: str) -> list[int]:
     return list(range(BASE + 5, BASE + 600, 60))
 
 
+# Each worker's `queues` and `queue` (docs/queues.md); idle-1 names one queue both ways.
+QUEUES = {"gpu-1": (["gpu", "default"], None), "cpu-1": (None, "default"), "idle-1": (["cpu"], "cpu")}
+
+
+def queues_of(worker: str) -> set[str]:
+    listed, queue = QUEUES[worker]
+    return set(listed or []) | ({queue} if queue else set())
+
+
 def task(worker: str, moment: int) -> str | None:
     return "t1" if worker == "gpu-1" and moment < BASE + 1800 else None
 
@@ -149,6 +158,22 @@ def activity(span, interval):
     return [(bucket, len(workers), len(busy[bucket])) for bucket, workers in reporting.items()]
 
 
+def queue_workers(busy_only: bool):
+    """Per bucket and queue: the workers listening to it (busy_only: of those, the busy ones)."""
+
+    def expected(span, interval):
+        listening, busy = defaultdict(set), defaultdict(set)
+        for bucket, (worker, _, _, task) in shown(span, interval):
+            for queue in queues_of(worker):
+                listening[(bucket, queue)].add(worker)
+                if task:
+                    busy[(bucket, queue)].add(worker)
+        counted = busy if busy_only else listening
+        return [(bucket, queue, len(counted[(bucket, queue)])) for bucket, queue in listening]
+
+    return expected
+
+
 # (dashboard file, panel title) -> its rows for a time range and interval; the worker
 # dashboard shows gpu-1.
 EXPECTED = {
@@ -161,6 +186,8 @@ EXPECTED = {
     ("worker-detail.json", "GPU memory"): averages(("gpu_memory_used", "gpu_memory_free"), by_gpu_memory, "gpu-1"),
     ("worker-detail.json", "Memory"): averages(("memory_used", "memory_free"), by_suffix, "gpu-1"),
     ("worker-detail.json", "Network"): averages(("network_rx", "network_tx"), by_suffix, "gpu-1"),
+    ("queues.json", "Workers listening per queue"): queue_workers(busy_only=False),
+    ("queues.json", "Busy workers per queue"): queue_workers(busy_only=True),
 }
 
 
@@ -180,7 +207,11 @@ def normal(rows) -> list[tuple]:
 async def fleet(client, db_conn):
     """The reports above, sent through the API and rolled up; returns the company id."""
     bodies = [
-        {"worker": worker, "timestamp": moment * 1000, "machine_stats": stats, **({"task": task} if task else {})}
+        {
+            "worker": worker, "timestamp": moment * 1000, "machine_stats": stats, **({"task": task} if task else {}),
+            **({"queues": QUEUES[worker][0]} if QUEUES[worker][0] else {}),
+            **({"queue": QUEUES[worker][1]} if QUEUES[worker][1] else {}),
+        }  # fmt: skip
         for worker, moment, stats, task in REPORTS
     ]
     await asyncio.gather(*(ok(client, "workers.status_report", body) for body in bodies))

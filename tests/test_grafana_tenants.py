@@ -36,12 +36,12 @@ READABLE = {
     "companies", "worker_registrations", "stat_workers", "stat_metrics", "report_layouts", "late_reports",
     "grafana_roles",
     "tenant_recent_reports", "tenant_report_blocks", "tenant_rollup_1m", "tenant_rollup_10m", "tenant_rollup_1h",
-    "rollup_block_groups", "rollup_metric_rows", "rollup_variant_rows", "rollup_activity_rows",
+    "rollup_block_groups", "rollup_metric_rows", "rollup_variant_rows", "rollup_activity_rows", "rollup_queue_rows",
     "worker_stat_points", "worker_stats",
-    *(f"worker_{kind}_{tier}" for kind in ("stat_rollup", "metric_rollup", "activity") for tier in ("1m", "10m", "1h")),
+    *(f"worker_{kind}_{tier}" for kind in ("stat_rollup", "metric_rollup", "activity", "queue") for tier in ("1m", "10m", "1h")),
 }  # fmt: skip
 RANGE_FUNCTIONS = {"worker_stat_points"} | {
-    f"worker_{kind}_{tier}" for kind in ("stat_rollup", "metric_rollup", "activity") for tier in ("1m", "10m", "1h")
+    f"worker_{kind}_{tier}" for kind in ("stat_rollup", "metric_rollup", "activity", "queue") for tier in ("1m", "10m", "1h")
 }
 
 
@@ -60,7 +60,8 @@ def machine_stats(worker: str, minute: float) -> dict:
 
 def report(worker: str, moment: float) -> dict:
     minute = (moment - BASE) / 60
-    body = {"worker": worker, "timestamp": int(moment * 1000), "machine_stats": machine_stats(worker, minute)}
+    body = {"worker": worker, "timestamp": int(moment * 1000), "machine_stats": machine_stats(worker, minute),
+            "queues": ["shared-queue", f"{worker}-queue"]}  # fmt: skip
     return {**body, "task": f"{worker}-task"} if minute < 30 else body
 
 

@@ -1,5 +1,5 @@
 """Every endpoint the server answers, by name."""
 
-from . import login, runtime_properties, workers
+from . import login, queues, runtime_properties, workers
 
-ENDPOINTS = {**login.ENDPOINTS, **workers.ENDPOINTS, **runtime_properties.ENDPOINTS}
+ENDPOINTS = {**login.ENDPOINTS, **workers.ENDPOINTS, **runtime_properties.ENDPOINTS, **queues.ENDPOINTS}

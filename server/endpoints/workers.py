@@ -148,7 +148,7 @@ def _rounded(value: float | None) -> float | None:
 async def get_all(call: Call) -> dict:
     body = schemas.load(schemas.all_workers_request, call.body)
     names = await _apiserver_names(call, body)
-    return await _heavy_read(call, all_workers, {**body, APISERVER_NAMES: names} if names is not None else body)
+    return await heavy_read(call, all_workers, {**body, APISERVER_NAMES: names} if names is not None else body)
 
 
 async def _apiserver_names(call: Call, body: dict) -> Names | None:
@@ -183,7 +183,7 @@ async def all_workers(pool, settings: Settings, company: str, body: dict) -> dic
     return {"workers": workers, "health": rules}
 
 
-async def _heavy_read(call: Call, read, body: dict):
+async def heavy_read(call: Call, read, body: dict):
     """`read`'s answer, computed by a reader process in its turn (server/readers.py)."""
     app = call.request.app
     return await app[READERS].run(read, app[POOL], call.identity.company, body)
@@ -245,12 +245,12 @@ async def _workers_asked(pool, company: str, worker_ids: list[str]) -> int:
     return len(worker_ids) or await registrations.count(pool, company, WorkerFilter())
 
 
-def _check_dates(body: dict) -> None:
+def check_dates(body: dict) -> None:
     if body["from_date"] >= body["to_date"]:
         raise ApiError(errors.INVALID_FIELD_VALUES, "Invalid field values: from_date must be less than to_date")
 
 
-async def _chart(
+async def chart_sources(
     pool, settings: Settings, company: str, body: dict, worker_ids: list[str], split_by_variant: bool = False
 ) -> tuple[list[int], charts.Plan]:
     """The buckets, and what the chart reads to fill them (storage/charts.py: which sources
@@ -275,7 +275,7 @@ async def _chart(
     return buckets, charts.Plan(low, high, interval, split_by_variant)
 
 
-def _with_partial(answer: dict, body: dict, interval: int, buckets: list[int]) -> dict:
+def with_partial(answer: dict, body: dict, interval: int, buckets: list[int]) -> dict:
     """The extension's mark of a last bucket that ends after to_date (include_partial_bucket)."""
     if body["include_partial_bucket"] and buckets and buckets[-1] + interval > body["to_date"]:
         answer["partial_since"] = buckets[-1] * 1000
@@ -295,14 +295,14 @@ async def get_stats(call: Call) -> dict:
     body = schemas.load(schemas.stats_request, call.body)
     _check_worker_ids(call, body)
     limits.check_count(len(body["items"]), call.settings.max_stats_items, "items", "WORKERS_MAX_STATS_ITEMS")
-    _check_dates(body)
-    return await _heavy_read(call, stats, body)
+    check_dates(body)
+    return await heavy_read(call, stats, body)
 
 
 @on_replica
 async def stats(pool, settings: Settings, company: str, body: dict) -> dict:
     worker_ids = body.get("worker_ids", [])
-    buckets, plan = await _chart(pool, settings, company, body, worker_ids, body["split_by_variant"])
+    buckets, plan = await chart_sources(pool, settings, company, body, worker_ids, body["split_by_variant"])
     aggregations: dict[str, list[str]] = {}
     for item in body["items"]:
         wanted = aggregations.setdefault(item["key"], [])
@@ -322,7 +322,7 @@ async def stats(pool, settings: Settings, company: str, body: dict) -> dict:
         workers = await asyncio.to_thread(_stats_answer, found, buckets, aggregations, empty)
     else:
         workers = _stats_answer(found, buckets, aggregations, empty)
-    return _with_partial({"workers": workers}, body, plan.interval, buckets)
+    return with_partial({"workers": workers}, body, plan.interval, buckets)
 
 
 def _stats_answer(
@@ -367,18 +367,18 @@ def _filled(values: np.ndarray, empty: float | None) -> list:
 async def get_activity_report(call: Call) -> dict:
     body = schemas.load(schemas.activity_request, call.body)
     _check_worker_ids(call, body)
-    _check_dates(body)
-    return await _heavy_read(call, activity, body)
+    check_dates(body)
+    return await heavy_read(call, activity, body)
 
 
 @on_replica
 async def activity(pool, settings: Settings, company: str, body: dict) -> dict:
     worker_ids = body.get("worker_ids", [])
-    buckets, plan = await _chart(pool, settings, company, body, worker_ids)
+    buckets, plan = await chart_sources(pool, settings, company, body, worker_ids)
     total, active = await charts.activity(pool, company, plan, buckets=buckets, worker_ids=worker_ids)
     dates = [bucket * 1000 for bucket in buckets]  # milliseconds, as the reference server answers
     answer = {"total": {"dates": dates, "counts": total}, "active": {"dates": dates, "counts": active}}
-    return _with_partial(answer, body, plan.interval, buckets)
+    return with_partial(answer, body, plan.interval, buckets)
 
 
 ENDPOINTS = {

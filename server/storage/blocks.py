@@ -400,3 +400,25 @@ def _filled(sequences: Sequences, per_lane: np.ndarray) -> np.ndarray:
     starts = np.cumsum(per_lane) - per_lane
     result[np.repeat(starts[full], per_lane[full]) + ranks(per_lane[full])] = sequences.floats()
     return result
+
+
+# --- a queue's bits ------------------------------------------------------------------------
+
+
+def encode_queue_bits(rows: Aggregates, workers: np.ndarray, buckets: int) -> tuple[bytes, bytes]:
+    """A queue pseudo-metric's block's rows (buckets counted from the block's start) as its
+    `listening` and `busy` bits (migrations/013): per bucket a row of ceil(len(workers) / 8)
+    bytes, bit i (numpy's packbits order) for workers[i], set when the worker has a row in that
+    bucket (it listened) / when the row's sum is above 0 (a report of it carried a task)."""
+    rows = rows.take(rows.variants == COMBINED)
+    column = np.searchsorted(workers, rows.workers)
+    listening = np.zeros((buckets, len(workers)), dtype=bool)
+    listening[rows.buckets, column] = rows.counts > 0
+    busy = np.zeros((buckets, len(workers)), dtype=bool)
+    busy[rows.buckets, column] = rows.sums > 0
+    return np.packbits(listening, axis=1).tobytes(), np.packbits(busy, axis=1).tobytes()
+
+
+def queue_bits(bits: bytes, workers: int, buckets: int) -> np.ndarray:
+    """`encode_queue_bits`' bytes as their packed rows: (buckets, ceil(workers / 8)) uint8."""
+    return np.frombuffer(bits, dtype=np.uint8).reshape(buckets, -(-workers // 8))

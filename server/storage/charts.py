@@ -127,7 +127,7 @@ def _split(low: float, high: float, resolutions: list[int], exact_before: float)
     ]
 
 
-def _tier(seconds: int) -> rollups.Tier:
+def tier_of(seconds: int) -> rollups.Tier:
     return next(tier for tier in TIERS if tier.seconds == seconds)
 
 
@@ -147,10 +147,10 @@ async def _fetch(conn, company: str, pieces: list[Segment], metrics, workers, ev
     for piece in pieces:
         if piece.source == RAW:
             wanted = [] if metrics is None else metrics  # activity: who reported, no values
-            fetched.append(await raw.fetch(conn, _micros(piece.low), _micros(piece.high), workers, metrics=wanted))
+            fetched.append(await raw.fetch(conn, micros(piece.low), micros(piece.high), workers, metrics=wanted))
         else:
             wanted = [ACTIVITY] if metrics is None else metrics
-            tier = _tier(piece.source)
+            tier = tier_of(piece.source)
             lanes_of = None if every_worker else workers
             fetched.append(await rollups.fetch(conn, tier, company, wanted, int(piece.low), int(piece.high), lanes_of))
     return fetched
@@ -170,18 +170,18 @@ def _rows(pieces: list[Segment], fetched: list, interval: int, metrics, variants
                 rows = aggregate.aggregate(points, interval, variants=variants, metrics=metrics, exact=False)
                 parts.append(aggregate.split(rows) if variants else rows.take(rows.variants == COMBINED))
         else:
-            tier = _tier(piece.source)
+            tier = tier_of(piece.source)
             rows = rollups.decode(data, tier, int(piece.low), int(piece.high), variants)
             rows = aggregate.split(rows) if variants else rows.take(rows.variants == COMBINED)
             parts.append(aggregate.combine(rows, interval // tier.seconds))
     return aggregate.combine(aggregate.concatenate(parts)) if parts else aggregate.empty()
 
 
-def _micros(seconds: float) -> int:
+def micros(seconds: float) -> int:
     return math.ceil(seconds * 1_000_000)
 
 
-async def _read(pool, read):
+async def read_snapshot(pool, read):
     """Run `read(conn)` in a read-only repeatable-read transaction (raw reports are read as
     rows and blocks of one snapshot); a statement past the read timeout is a clear 400."""
     try:
@@ -220,7 +220,7 @@ async def stats(
         fetched = await _fetch(conn, company, pieces, list(metric_ids.values()), workers, every_worker=not worker_ids)
         return known_workers, metric_ids, pieces, fetched
 
-    found = await _read(pool, read) if buckets else None
+    found = await read_snapshot(pool, read) if buckets else None
     if found is None:
         return {}
     known_workers, metric_ids, pieces, fetched = found
@@ -273,7 +273,7 @@ async def activity(
         pieces = await plan.segments(conn, company)
         return pieces, await _fetch(conn, company, pieces, None, workers, every_worker=not worker_ids)
 
-    found = await _read(pool, read) if buckets else None
+    found = await read_snapshot(pool, read) if buckets else None
     if found is None:
         return [0] * len(buckets), [0] * len(buckets)
     pieces, fetched = found

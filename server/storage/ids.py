@@ -1,6 +1,11 @@
 """SQL of the dictionaries the statistics tables refer to (`stat_workers`, `stat_metrics`,
 `report_layouts`), and a cache of their ids.
 
+A metric's `kind` (migrations/013) is METRIC (a key of machine_stats) or QUEUE (a queue
+pseudo-metric, named after its queue, docs/queues.md); names are unique per company and kind.
+In a layout key and in this cache a queue pseudo-metric is the pair `queue_metric(name)`, a
+metric its name.
+
 A report's layout is the order of its values: metric after metric, each metric's variants in
 order, as (metric id, variant code) pairs (storage/blocks.py: -1 is "total", i is "i").
 Ids are made on first sight, by any process or host at once: `ON CONFLICT DO UPDATE` returns
@@ -18,10 +23,10 @@ RETURNING w.id, w.company, w.worker
 """
 
 _METRIC_IDS = """
-INSERT INTO stat_metrics AS m (company, name)
-SELECT * FROM unnest($1::text[], $2::text[]) ORDER BY 1, 2
-ON CONFLICT (company, name) DO UPDATE SET company = EXCLUDED.company
-RETURNING m.id, m.company, m.name
+INSERT INTO stat_metrics AS m (company, kind, name)
+SELECT * FROM unnest($1::text[], $2::smallint[], $3::text[]) ORDER BY 1, 2, 3
+ON CONFLICT (company, kind, name) DO UPDATE SET company = EXCLUDED.company
+RETURNING m.id, m.company, m.kind, m.name
 """
 
 # $1: each layout's metric ids and variants, as text arrays ('{1,1,2}'), in pairs.
@@ -35,8 +40,35 @@ RETURNING l.id, l.metrics, l.variants
 _LAYOUTS = "SELECT id, metrics, variants FROM report_layouts WHERE id = ANY($1::integer[])"
 _WORKERS_BY_ID = "SELECT id, company, worker FROM stat_workers WHERE id = ANY($1::integer[])"
 _WORKERS_OF_COMPANY = "SELECT id, worker FROM stat_workers WHERE company = $1"
-_METRICS_BY_NAME = "SELECT id, name FROM stat_metrics WHERE company = $1 AND name = ANY($2::text[])"
+_METRICS_BY_NAME = "SELECT id, name FROM stat_metrics WHERE company = $1 AND kind = $3 AND name = ANY($2::text[])"
+_QUEUES_OF_COMPANY = "SELECT id, name FROM stat_metrics WHERE company = $1 AND kind = 1"
+# (Written to read a schema before migration 013 too, where there are no queues: migration 007
+# stores rollups through this code.)
+_QUEUE_METRICS = "SELECT id FROM stat_metrics AS m WHERE id = ANY($1::integer[]) AND to_jsonb(m) ->> 'kind' = '1'"
+# Migration 007 makes metric ids through this code, on the schema of its time (no `kind`).
+_HAS_KINDS = """
+SELECT EXISTS (SELECT FROM pg_attribute
+               WHERE attrelid = 'stat_metrics'::regclass AND attname = 'kind' AND NOT attisdropped)
+"""
+_METRIC_IDS_BEFORE_KINDS = """
+INSERT INTO stat_metrics AS m (company, name)
+SELECT u.company, u.name FROM unnest($1::text[], $2::smallint[], $3::text[]) AS u (company, kind, name) ORDER BY 1, 2
+ON CONFLICT (company, name) DO UPDATE SET company = EXCLUDED.company
+RETURNING m.id, m.company, 0 AS kind, m.name
+"""
 _METRICS_BY_ID = "SELECT id, company, name FROM stat_metrics WHERE id = ANY($1::integer[])"
+
+METRIC, QUEUE = 0, 1  # stat_metrics.kind
+
+
+def queue_metric(queue: str) -> tuple[int, str]:
+    """A queue pseudo-metric, as layout keys and the cache name it."""
+    return (QUEUE, queue)
+
+
+def _kind_and_name(metric) -> tuple[int, str]:
+    return metric if isinstance(metric, tuple) else (METRIC, metric)
+
 
 # A cache this large is emptied and refilled: each entry is one lookup to make again.
 CACHE_LIMIT = 500_000
@@ -54,6 +86,7 @@ class Ids:
         self._workers: dict[tuple[str, str], int] = {}
         self._metrics: dict[tuple[str, str], int] = {}
         self._layouts: dict[tuple[str, tuple], int] = {}
+        self._kinds: bool | None = None  # whether stat_metrics has `kind` (migration 013)
 
     def worker(self, company: str, worker: str) -> int | None:
         return self._workers.get((company, worker))
@@ -61,12 +94,18 @@ class Ids:
     def layout(self, company: str, key: tuple) -> int | None:
         return self._layouts.get((company, key))
 
-    async def metrics(self, db, company: str, names) -> dict[str, int]:
-        """Ids of the company's metrics of these names, made when new."""
-        missing = sorted({name for name in names if (company, name) not in self._metrics})
+    async def metrics(self, db, company: str, names) -> dict:
+        """Ids of the company's metrics of these names (a name, or `queue_metric(queue)`),
+        made when new."""
+        missing = sorted({_kind_and_name(name) for name in names if (company, name) not in self._metrics})
         if missing:
-            rows = await db.fetch(_METRIC_IDS, [company] * len(missing), missing)
-            self._metrics.update(((row["company"], row["name"]), row["id"]) for row in rows)
+            if self._kinds is None:
+                self._kinds = await db.fetchval(_HAS_KINDS)
+            statement = _METRIC_IDS if self._kinds else _METRIC_IDS_BEFORE_KINDS
+            rows = await db.fetch(statement, [company] * len(missing), [k for k, _ in missing], [n for _, n in missing])
+            for row in rows:
+                name = row["name"] if row["kind"] == METRIC else (row["kind"], row["name"])
+                self._metrics[(row["company"], name)] = row["id"]
         return {name: self._metrics[(company, name)] for name in names}
 
     async def make(self, db, workers: set[tuple[str, str]], layouts: set[tuple[str, tuple]]) -> None:
@@ -122,9 +161,21 @@ async def workers_of_company(db, company: str) -> dict[str, int]:
     return {row["worker"]: row["id"] for row in rows}
 
 
-async def metrics_by_name(db, company: str, names: list[str]) -> dict[str, int]:
-    rows = await db.fetch(_METRICS_BY_NAME, company, names)
+async def metrics_by_name(db, company: str, names: list[str], kind: int = METRIC) -> dict[str, int]:
+    """{name: id} of the company's metrics (or queue pseudo-metrics) of these names."""
+    rows = await db.fetch(_METRICS_BY_NAME, company, names, kind)
     return {row["name"]: row["id"] for row in rows}
+
+
+async def queues_of_company(db, company: str) -> dict[str, int]:
+    """{queue: id of its pseudo-metric} of every queue the company's reports named."""
+    rows = await db.fetch(_QUEUES_OF_COMPANY, company)
+    return {row["name"]: row["id"] for row in rows}
+
+
+async def queue_metrics(db, metric_ids) -> set[int]:
+    """Which of these metric ids are queue pseudo-metrics."""
+    return {row["id"] for row in await db.fetch(_QUEUE_METRICS, [int(metric) for metric in metric_ids])}
 
 
 async def metrics_by_id(db, metric_ids) -> dict[int, tuple[str, str]]:

@@ -30,7 +30,9 @@ ON CONFLICT (company, worker) DO UPDATE SET
     report_period = NULL,
     gpu_idle_since = NULL,
     cpu_usage = NULL,
-    gpu_usage = NULL
+    gpu_usage = NULL,
+    cpu_cores = NULL,
+    memory_total = NULL
 """
 
 # Part of the batching writer's statement: `$1` is a jsonb array of one entry per
@@ -40,6 +42,9 @@ ON CONFLICT (company, worker) DO UPDATE SET
 # did not send them: kept as they are. Entries of reports that do not register (a bulk import
 # of history) are skipped.
 #
+# `cores` and `memory` (migrations/013: what get_queues answers for now) are those of the last
+# report that had them.
+#
 # The health columns (migrations/012, docs/health.md), from the entry's `gpu_busy` (per GPU
 # index: at or above the idle threshold; null where the report has no value), `cpu` and `gpu`
 # (the report's mean usage, null without one) and `$8`, the usage means' time constant in
@@ -48,7 +53,7 @@ ON CONFLICT (company, worker) DO UPDATE SET
 # takes the usual reports (every GPU below the threshold, as before, or every one busy) with
 # builtins, and calls a function only when some GPUs are busy and others not.
 REPORTS_UPSERT = f"""
-INSERT INTO worker_registrations AS w ({_COLUMNS}, gpu_idle_since, cpu_usage, gpu_usage)
+INSERT INTO worker_registrations AS w ({_COLUMNS}, gpu_idle_since, cpu_usage, gpu_usage, cpu_cores, memory_total)
 SELECT r.company, r.worker, r.user_id, r.ip, now(), r.timeout, now(), now(),
        now() + make_interval(secs => r.timeout), r.task, r.queue, r.queues, r.tags, r.system_tags,
        CASE
@@ -57,11 +62,11 @@ SELECT r.company, r.worker, r.user_id, r.ip, now(), r.timeout, now(), now(),
            WHEN true = ALL (r.gpu_busy) THEN array_fill(NULL::timestamptz, ARRAY[cardinality(r.gpu_busy)])
            ELSE gpu_idle_since(NULL, r.gpu_busy, now())
        END,
-       r.cpu, r.gpu
+       r.cpu, r.gpu, r.cores, r.memory
 FROM jsonb_to_recordset($1::jsonb) AS r (
     company text, worker text, user_id text, ip text, timeout integer,
     task text, queue text, queues text[], tags text[], system_tags text[], register boolean,
-    gpu_busy boolean[], cpu float8, gpu float8)
+    gpu_busy boolean[], cpu float8, gpu float8, cores integer, memory float8)
 WHERE r.register
 ORDER BY r.company, r.worker
 ON CONFLICT (company, worker) DO UPDATE SET
@@ -97,7 +102,9 @@ ON CONFLICT (company, worker) DO UPDATE SET
         ELSE EXCLUDED.cpu_usage END,
     gpu_usage = CASE WHEN w.expires_at > now()
         THEN time_weighted_mean(w.gpu_usage, EXCLUDED.gpu_usage, extract(epoch FROM now() - w.last_report_time), $8)
-        ELSE EXCLUDED.gpu_usage END
+        ELSE EXCLUDED.gpu_usage END,
+    cpu_cores = coalesce(EXCLUDED.cpu_cores, CASE WHEN w.expires_at > now() THEN w.cpu_cores END),
+    memory_total = coalesce(EXCLUDED.memory_total, CASE WHEN w.expires_at > now() THEN w.memory_total END)
 """
 
 _UNREGISTER = """
@@ -160,6 +167,22 @@ SELECT ARRAY(SELECT DISTINCT task FROM listed WHERE task <> '' ORDER BY 1) AS ta
        ARRAY(SELECT DISTINCT named.queue
              FROM (SELECT queue FROM listed UNION ALL SELECT unnest(queues) FROM listed) AS named
              WHERE named.queue <> '' ORDER BY 1) AS queues
+"""
+
+# Per queue the company's live workers listen to (their registration's `queues` and `queue`,
+# each once): the workers, those with a task and those without, and their cores, GPUs and
+# memory (migrations/012 and 013; a worker without them counts 0).
+_QUEUES_NOW = """
+SELECT q.queue, r.task IS NOT NULL AND r.task <> '' AS busy, count(*)::integer AS workers,
+       coalesce(sum(r.cpu_cores), 0)::bigint AS cores,
+       coalesce(sum(cardinality(r.gpu_idle_since)), 0)::bigint AS gpus,
+       coalesce(sum(r.memory_total), 0)::float8 AS memory
+FROM worker_registrations AS r
+CROSS JOIN LATERAL (SELECT DISTINCT n.queue FROM unnest(array_append(r.queues, r.queue)) AS n (queue)
+                    WHERE n.queue <> '') AS q
+WHERE r.company = $1 AND r.expires_at > now()
+GROUP BY 1, 2
+ORDER BY 1, 2
 """
 
 _DELETE_EXPIRED = "DELETE FROM worker_registrations WHERE expires_at <= now()"
@@ -251,6 +274,12 @@ async def named_ids(db, company: str, where: WorkerFilter) -> tuple[list[str], l
     """The ids of the tasks and of the queues that the workers `find` lists name."""
     row = await db.fetchrow(_NAMED_IDS, company, *where.arguments())
     return row["tasks"], row["queues"]
+
+
+async def queues_now(db, company: str) -> list[asyncpg.Record]:
+    """Per queue the company's live workers listen to, and busy or not: the workers and their
+    cores, GPUs and memory (queue, busy, workers, cores, gpus, memory)."""
+    return await db.fetch(_QUEUES_NOW, company)
 
 
 async def health_counts(db, health: HealthRules) -> list[asyncpg.Record]:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import asyncpg
 import numpy as np
 
-from . import aggregate, blocks
+from . import aggregate, blocks, ids
 from .aggregate import empty
 
 REFRESH_LOCK = 0x574B5255  # an arbitrary advisory lock key: one refresher at a time
@@ -108,6 +108,16 @@ CROSS JOIN LATERAL unnest(b.workers, b.offsets) WITH ORDINALITY AS g (worker, la
 WHERE b.company = $1 AND b.metric = ANY($2::integer[])
   AND b.start > to_timestamp($3) - make_interval(secs => {period}) AND b.start < to_timestamp($4)
   AND g.worker = ANY($5::integer[])
+"""
+
+# The queue pseudo-metrics' blocks, as the same, by their bits (migrations/013): their lanes
+# only where a block has no bits.
+_QUEUE_BITS = """
+SELECT extract(epoch FROM start)::bigint AS start, buckets, metric, workers, listening, busy,
+       CASE WHEN listening IS NULL THEN offsets END AS offsets, CASE WHEN listening IS NULL THEN data END AS data
+FROM {table}
+WHERE company = $1 AND metric = ANY($2::integer[])
+  AND start > to_timestamp($3) - make_interval(secs => {period}) AND start < to_timestamp($4)
 """
 
 _DELETE_PERIOD = "DELETE FROM {table} WHERE company = $1 AND metric = $2 AND start >= $3 AND start < $4"
@@ -277,6 +287,39 @@ async def fetch(db, tier: Tier, company: str, metrics, low: int, high: int, work
     return fetched
 
 
+@dataclass
+class QueueBlock:
+    """A queue pseudo-metric's block as a queue chart reads it: its bits, or (a block without
+    them) its rows."""
+
+    start: int  # epoch seconds
+    buckets: int
+    metric: int
+    workers: np.ndarray
+    listening: np.ndarray | None  # blocks.queue_bits
+    busy: np.ndarray | None
+    rows: blocks.Aggregates | None
+
+
+async def fetch_queue_bits(db, tier: Tier, company: str, metrics, low: int, high: int) -> list[QueueBlock]:
+    """The tier's blocks of these queue pseudo-metrics that may hold buckets in [low, high)."""
+    rows = await db.fetch(
+        _QUEUE_BITS.format(table=tier.table, period=tier.period), company, [int(m) for m in metrics], low, high
+    )
+    found = []
+    for row in rows:
+        workers = np.array(row["workers"], dtype=np.int64)
+        if row["listening"] is None:
+            block = blocks.RollupBlock(workers, np.array(row["offsets"], dtype=np.int64), row["data"])
+            decoded = blocks.decode_rollup(block, row["metric"], variants=False)
+            found.append(QueueBlock(row["start"], row["buckets"], row["metric"], workers, None, None, decoded))
+            continue
+        listening = blocks.queue_bits(row["listening"], len(workers), row["buckets"])
+        busy = blocks.queue_bits(row["busy"], len(workers), row["buckets"])
+        found.append(QueueBlock(row["start"], row["buckets"], row["metric"], workers, listening, busy, None))
+    return found
+
+
 def decode(fetched: list[tuple], tier: Tier, low: int, high: int, variants: bool) -> blocks.Aggregates:
     """The rows of fetched blocks for buckets in [low, high), with absolute buckets."""
     if not fetched:
@@ -296,22 +339,30 @@ async def read(
 async def write(db, tier: Tier, company: str, rows: blocks.Aggregates) -> None:
     """Store the rows (of one company, absolute buckets) as new blocks: one per metric and
     period, each from its first bucket to its last."""
-    records = []
+    records, queue_records = [], []
     rows = aggregate.sort(rows)  # a block's order: by worker, variant, bucket
     period_of = rows.buckets * tier.seconds // tier.period
-    for metric, period in sorted(set(zip(rows.metrics.tolist(), period_of.tolist()))):
+    pairs = sorted(set(zip(rows.metrics.tolist(), period_of.tolist())))
+    queues = await ids.queue_metrics(db, {metric for metric, _ in pairs}) if pairs else set()
+    for metric, period in pairs:
         mine = rows.take((rows.metrics == metric) & (period_of == period))
         first = int(mine.buckets.min())
         mine.buckets = mine.buckets - first
+        buckets = int(mine.buckets.max()) + 1
         block = blocks.encode_rollup(mine)
-        records.append((
-            _epoch_time(first * tier.seconds), int(mine.buckets.max()) + 1, company, metric,
-            block.workers.tolist(), block.offsets.tolist(), block.data,
-        ))
+        record = (_epoch_time(first * tier.seconds), buckets, company, metric,
+                  block.workers.tolist(), block.offsets.tolist(), block.data)  # fmt: skip
+        if metric in queues:
+            queue_records.append((*record, *blocks.encode_queue_bits(mine, block.workers, buckets)))
+        else:
+            records.append(record)
+    # (Blocks of metrics name no bits' columns: migration 007 stores rollups through this code,
+    # before migration 013 made them.)
+    columns = ["start", "buckets", "company", "metric", "workers", "offsets", "data"]
     if records:
-        await db.copy_records_to_table(
-            tier.table, columns=["start", "buckets", "company", "metric", "workers", "offsets", "data"], records=records
-        )
+        await db.copy_records_to_table(tier.table, columns=columns, records=records)
+    if queue_records:
+        await db.copy_records_to_table(tier.table, columns=[*columns, "listening", "busy"], records=queue_records)
 
 
 async def replace(db, tier: Tier, company: str, workers: np.ndarray, low: int, high: int, fresh: blocks.Aggregates) -> None:

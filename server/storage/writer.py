@@ -37,7 +37,7 @@ from .. import errors
 from ..errors import ApiError
 from ..metrics import DATABASE_DOWN, NOT_STORED_IN_TIME, QUEUE_FULL, SHUTTING_DOWN, Metrics, count_database_error
 from . import health, registrations, rollups, statistics
-from .ids import Ids, layout_key
+from .ids import Ids, layout_key, queue_metric
 from .db import UNAVAILABLE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -210,12 +210,13 @@ class ReportWriter:
 
     async def _store(self, slot: int, batch: list[tuple[Report, asyncio.Future]]) -> None:
         reports = [report for report, _ in batch]
-        layouts = [layout_key(report.metrics) for report in reports]
+        queues = [report_queues(report.queue, report.queues) for report in reports]
+        layouts = [_layout(report.metrics, names) for report, names in zip(reports, queues)]
         started = time.perf_counter()
         try:
             connection = await self._connect(slot)
             await self._make_ids(connection, reports, layouts)
-            parameters, written_keys = self._parameters(reports, layouts)
+            parameters, written_keys = self._parameters(reports, layouts, queues)
             await connection.execute(WRITE_BATCH, *parameters, timeout=self._answer_timeout)
         except UNAVAILABLE_ERRORS as error:
             log.warning("database unavailable, %d reports answered 503: %r", len(batch), error)
@@ -249,8 +250,9 @@ class ReportWriter:
         if workers or shapes:
             await ids.make(connection, workers, shapes)
 
-    def _parameters(self, reports: list[Report], layouts: list[tuple]) -> tuple[tuple, dict]:
-        """WRITE_BATCH's parameters, and the metric keys they write."""
+    def _parameters(self, reports: list[Report], layouts: list[tuple], queues: list[tuple]) -> tuple[tuple, dict]:
+        """WRITE_BATCH's parameters, and the metric keys they write (`queues`: each report's,
+        `report_queues`)."""
         registrations: dict[tuple[str, str], dict] = {}
         metric_keys: dict[tuple[str, str, str], float] = {}
         written: dict[tuple[str, str], tuple[float, frozenset]] = {}  # metric keys, as cached
@@ -278,11 +280,14 @@ class ReportWriter:
                 "gpu_busy": health.gpu_busy(metrics.get("gpu_usage"), busy_percent),
                 "cpu": health.mean(metrics.get("cpu_usage")),
                 "gpu": health.mean(metrics.get("gpu_usage")),
+                # What get_queues answers for now: its cores and memory (migrations/013).
+                "cores": _cores(metrics.get("cpu_usage")),
+                "memory": _memory(metrics),
             }
             earlier = registrations.get(key)
             if earlier is not None:
                 # Lists a later report did not send keep what an earlier one in the batch sent.
-                for name in ("queues", "tags", "system_tags", "cpu", "gpu"):
+                for name in ("queues", "tags", "system_tags", "cpu", "gpu", "cores", "memory"):
                     if entry[name] is None:
                         entry[name] = earlier[name]
                 entry["gpu_busy"] = health.merge_gpu_busy(earlier["gpu_busy"], entry["gpu_busy"])
@@ -301,7 +306,7 @@ class ReportWriter:
             for metric in new_metrics:
                 row = (report.company, report.worker, metric)
                 metric_keys[row] = max(report.time, metric_keys.get(row, 0.0))
-        values = [pack_values(report.metrics) for report in reports]
+        values = [pack_values(report.metrics, names, bool(report.task)) for report, names in zip(reports, queues)]
         ids = self._ids
         parameters = (
             orjson.dumps([registrations[key] for key in sorted(registrations)]).decode(),
@@ -337,10 +342,56 @@ class ReportWriter:
             self._connections[slot] = None
 
 
-def pack_values(metrics: dict) -> bytes:
-    """A report's values `{metric: {variant: value}}`, in order, as 8-byte big-endian floats."""
+def report_queues(queue: str | None, queues: list[str] | None) -> tuple[str, ...]:
+    """The queues a status report listened to: its `queues` and its `queue` (its own fields,
+    not its registration's), each once, empty names left out (docs/queues.md)."""
+    if not queues:
+        return (queue,) if queue else ()
+    names = dict.fromkeys(queues)
+    if queue:
+        names[queue] = None
+    names.pop("", None)
+    return tuple(names)
+
+
+_TOTAL = ("total",)
+# Each set of queues' part of a layout key, made once (a fleet names a few sets); forgotten
+# when it grows past KNOWN_WORKERS_LIMIT sets.
+_queue_layouts: dict[tuple[str, ...], tuple] = {}
+
+
+def _layout(metrics: dict, queues: tuple[str, ...]) -> tuple:
+    """The layout of a report's values: its metrics', then a queue pseudo-metric per queue."""
+    key = layout_key(metrics)
+    if not queues:
+        return key
+    part = _queue_layouts.get(queues)
+    if part is None:
+        if len(_queue_layouts) >= KNOWN_WORKERS_LIMIT:
+            _queue_layouts.clear()
+        part = _queue_layouts[queues] = tuple((queue_metric(queue), _TOTAL) for queue in queues)
+    return key + part
+
+
+def pack_values(metrics: dict, queues: tuple[str, ...] = (), busy: bool = False) -> bytes:
+    """A report's values `{metric: {variant: value}}`, in order, then one per queue (1 when
+    `busy`: the report carries a task, else 0), as 8-byte big-endian floats."""
     values = [value for variants in metrics.values() for value in variants.values()]
+    values.extend([1.0 if busy else 0.0] * len(queues))
     return struct.pack(f">{len(values)}d", *values)
+
+
+def _cores(usage: dict | None) -> int | None:
+    """The cores of a report's `cpu_usage` list (None without one, or for a single number)."""
+    return len(usage) if usage and "total" not in usage else None
+
+
+def _memory(metrics: dict) -> float | None:
+    """The machine's memory: used + free, as reported (None without both)."""
+    used, free = metrics.get("memory_used"), metrics.get("memory_free")
+    if used is None or free is None:
+        return None
+    return sum(used.values()) + sum(free.values())
 
 
 def _settle(batch: list[tuple[Report, asyncio.Future]], error: BaseException | None) -> None:

@@ -44,6 +44,7 @@ const state = {
   utc: localStorage.getItem(ZONE_KEY) === "utc",
   workers: [],
   health: null, // the rules get_all's extension `health` answers with
+  queue: null, // the queue charted in the queue view
   busy: false, // a refresh is in flight
   again: false, // and another was asked for meanwhile
   timer: 0,
@@ -259,6 +260,9 @@ async function load(session) {
   const activity = filtered ? await activityOf(state.workers.map((w) => w.id), span) : everyone;
   if (session !== state.session) return;
   renderActivity(activity, span, filtered);
+  const queues = await api("workers.get_queues", span); // the extension: every worker's queues
+  if (session !== state.session) return;
+  renderQueues(queues, span);
   // A fleet of more workers than one call may name is asked in lists of the table's workers:
   // each call stays within WORKERS_MAX_STATS_SERIES_BUCKETS (2,000 workers x 144 buckets
   // of 24 h is past its default).
@@ -851,6 +855,42 @@ function renderActivity(activity, span, filtered) {
     seriesOptions("reporting", PALETTE[0], "", { fill: "rgba(37, 99, 235, 0.08)" }),
     seriesOptions("with a task", PALETTE[2], "", { fill: "rgba(5, 150, 105, 0.12)" }),
   ], [seconds(total.dates), total.counts, active.counts], undefined, span, partialSince);
+}
+
+// The queue table (now), and the chosen queue's workers listening and busy over the range.
+function renderQueues(answer, span) {
+  const entries = answer.queues;
+  if (!entries.some((q) => q.queue === state.queue)) state.queue = entries.length ? entries[0].queue : null;
+  $("queues").tBodies[0].replaceChildren(...entries.map((q) => {
+    const row = document.createElement("tr");
+    row.dataset.queue = q.queue;
+    row.classList.toggle("chosen", q.queue === state.queue);
+    const busyShare = q.live.workers ? percent((100 * q.busy.workers) / q.live.workers) : "–";
+    const memory = q.live.memory ? `${Math.round(q.live.memory / 1024)} GB` : "–";
+    for (const value of [q.queue, q.live.workers, q.busy.workers, q.idle.workers, busyShare, q.live.cores,
+      q.live.gpus, memory]) {
+      const cell = document.createElement("td");
+      cell.textContent = String(value);
+      row.append(cell);
+    }
+    return row;
+  }));
+  // One handler for the rows, which each refresh replaces: a click between two still counts.
+  $("queues").tBodies[0].onclick = (event) => {
+    const row = event.target.closest("tr");
+    if (!row) return;
+    state.queue = row.dataset.queue;
+    renderQueues(answer, span);
+  };
+  $("no-queues").hidden = entries.length > 0;
+  $("queue-note").textContent = `last ${rangeText()}, every worker`;
+  const chosen = entries.find((q) => q.queue === state.queue);
+  const chart = chosen && chosen.chart ? chosen.chart : { listening: [], busy: [] };
+  const partialSince = answer.partial_since === undefined ? null : answer.partial_since / 1000;
+  drawChart("queue", $("queue-chart"), chosen ? chosen.queue : "", [
+    seriesOptions("listening", PALETTE[0], "", { fill: "rgba(37, 99, 235, 0.08)" }),
+    seriesOptions("busy", PALETTE[2], "", { fill: "rgba(5, 150, 105, 0.12)" }),
+  ], [seconds(answer.dates || []), chart.listening, chart.busy], undefined, span, partialSince);
 }
 
 // get_stats answers per worker and metric (and variant, when split); a chart is per metric,
