@@ -99,16 +99,17 @@ def test_the_replica_settings():
     ]
     assert replicas.label("postgresql://a:secret@db1:5433/w") == "db1:5433/w"  # no credentials
     assert replicas.dsns("") == []
-    from server.endpoints import workers
+    from server.endpoints import queues, workers
 
     assert replicas.served_by_replica(workers.stats) and replicas.served_by_replica(workers.activity)
+    assert replicas.served_by_replica(queues.queues)
     assert not replicas.served_by_replica(workers.all_workers)
 
 
 async def test_chart_reads_are_served_by_the_standby_and_registrations_by_the_primary(make_client, dsn, standby_dsn):
     client = await make_client(read_dsn=standby_dsn, raw_read_budget_worker_hours=10_000)
     raw_client = await make_client(read_from_rollups=False)  # the primary, raw reports only
-    await send(client, fleet_reports(3 * 3600))
+    await send(client, [report | {"queues": ["default", "gpu"]} for report in fleet_reports(3 * 3600)])
     await refresh_rollups(dsn)
     await send(client, fleet_reports(1800, start=BASE + 3 * 3600 + 30, seed=2))  # after the watermark: raw
     await replayed(dsn, standby_dsn)
@@ -126,6 +127,15 @@ async def test_chart_reads_are_served_by_the_standby_and_registrations_by_the_pr
     await compare_charts(client, raw_client, BASE, BASE + 4 * 3600, 600)
     await compare_charts(client, raw_client, BASE + 30, BASE + 4 * 3600, 60)
     assert await served(standby_dsn, CHART) >= before[CHART] + 10
+
+    # The queue view too: its "now" from the standby's registrations, its chart from its rollups.
+    before = {pattern: await served(standby_dsn, pattern) for pattern in (CHART, REGISTRATIONS)}
+    span = {"from_date": BASE, "to_date": BASE + 4 * 3600, "interval": 600}
+    answer = await ok(client, "workers.get_queues", span)
+    assert answer == await ok(raw_client, "workers.get_queues", span)
+    assert {queue["queue"]: max(queue["chart"]["listening"]) for queue in answer["queues"]} == {"default": 4, "gpu": 4}
+    assert await served(standby_dsn, CHART) > before[CHART]
+    assert await served(standby_dsn, REGISTRATIONS) > before[REGISTRATIONS]
 
     found = await scrape(client)
     assert [fallbacks(found, cause) for cause in replicas.FALLBACK_CAUSES] == [0, 0, 0]

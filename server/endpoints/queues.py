@@ -1,12 +1,15 @@
 """`workers.get_queues` (an extension, docs/queues.md): per queue the company's workers listen
 to, its live, busy and idle workers now (their registrations), and over a range the distinct
 workers listening and busy per bucket (the reports' queue pseudo-metrics, storage/queue_charts.py),
-with get_activity_report's interval rules. A heavy read: it runs in a reader process."""
+with get_activity_report's interval rules. A heavy read: it runs in a reader process, on a
+replica when WORKERS_READ_DSN names one (a dashboard's view: its "now" may be as far behind as
+WORKERS_READ_MAX_LAG_SECONDS)."""
 
 from .. import errors, schemas
 from ..config import Settings
 from ..errors import ApiError
 from ..protocol import Call
+from ..replicas import on_replica
 from ..storage import queue_charts, registrations
 from .workers import chart_sources, check_dates, heavy_read, with_partial
 
@@ -27,6 +30,7 @@ async def get_queues(call: Call) -> dict:
     return await heavy_read(call, queues, body)
 
 
+@on_replica
 async def queues(pool, settings: Settings, company: str, body: dict) -> dict:
     now: dict[str, dict] = {}
     for row in await registrations.queues_now(pool, company):
@@ -36,8 +40,8 @@ async def queues(pool, settings: Settings, company: str, body: dict) -> dict:
         entry["live"] = {name: entry["live"][name] + value for name, value in part.items()}
     if "from_date" not in body:
         return {"queues": [{"queue": name, **now[name]} for name in sorted(now)]}
-    interval, buckets, pieces = await chart_sources(pool, settings, company, body, [])
-    charted = await queue_charts.chart(pool, company, pieces, interval=interval, buckets=buckets)
+    buckets, plan = await chart_sources(pool, settings, company, body, [])
+    charted = await queue_charts.chart(pool, company, plan, buckets=buckets)
     nothing = [0] * len(buckets)
     answer = {
         "queues": [
@@ -50,7 +54,7 @@ async def queues(pool, settings: Settings, company: str, body: dict) -> dict:
         ],
         "dates": [bucket * 1000 for bucket in buckets],  # milliseconds, as get_activity_report's
     }
-    return with_partial(answer, body, interval, buckets)
+    return with_partial(answer, body, plan.interval, buckets)
 
 
 ENDPOINTS = {"workers.get_queues": get_queues}

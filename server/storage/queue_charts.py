@@ -50,16 +50,18 @@ class _Marks:
         return listening.sum(axis=1).tolist(), busy.sum(axis=1).tolist()
 
 
-async def chart(pool, company: str, pieces: list[Segment], *, interval: int, buckets: list[int]) -> dict[str, tuple]:
+async def chart(pool, company: str, plan: charts.Plan, *, buckets: list[int]) -> dict[str, tuple]:
     """{queue: (listening, busy)}, one count per bucket asked for, of every queue that a worker
     of the company listened to in the range."""
-    if not pieces:
+    if not buckets:
         return {}
+    interval = plan.interval
 
     async def read(conn):
         queues = await ids.queues_of_company(conn, company)
         if not queues:
             return None
+        pieces = await plan.segments(conn, company)
         metrics = sorted(queues.values())
         workers = list((await ids.workers_of_company(conn, company)).values())
         fetched = []
@@ -70,12 +72,12 @@ async def chart(pool, company: str, pieces: list[Segment], *, interval: int, buc
             else:
                 tier = charts.tier_of(piece.source)
                 fetched.append(await rollups.fetch_queue_bits(conn, tier, company, metrics, int(piece.low), int(piece.high)))
-        return queues, fetched
+        return queues, pieces, fetched
 
     found = await charts.read_snapshot(pool, read)
     if found is None:
         return {}
-    queues, fetched = found
+    queues, pieces, fetched = found
 
     def compute() -> dict[str, tuple]:
         marks: dict[int, _Marks] = defaultdict(_Marks)
