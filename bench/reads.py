@@ -26,10 +26,12 @@ history in another one), and in it:
    reports only (WORKERS_READ_FROM_ROLLUPS=false);
 4. registers every worker of the history (as a live fleet is: an imported history registers
    none, and how many are registered decides whether a fleet chart may read raw reports:
-   docs/charts.md), then times every read through each server's HTTP API, ending at the history's end (median
-   of --runs; a read slower than 2 s runs once): get_stats of the fleet (24 h @ 600 s), of
-   one worker (4 metrics, 24 h @ 120 s), of ten workers (1 h @ 40 s), get_activity_report
-   (24 h @ 600 s), and with --days 7 or more the fleet over 7 days @ 3600 s; and the SQL
+   docs/charts.md), then times every read through each server's HTTP API, ending at the
+   history's end (median of --runs; a read slower than 2 s runs once): get_stats of the fleet
+   (24 h @ 600 s), of one worker (4 metrics, 24 h @ 120 s), of ten workers (1 h @ 40 s), the
+   fleet page's GPU heatmap (1 h @ 30 s, 24 h @ 600 s), get_activity_report and get_queues
+   (24 h @ 600 s), with --days 7 or more the fleet over 7 days @ 3600 s, with --days 30 or
+   more get_queues over 30 days (@ 10800 s, the fleet page's, and @ 3000 s); and the SQL
    of every Grafana panel (bench/grafana_sql.py) over 24 h with asyncpg, as Grafana sends
    it (the dashboards call the rollup functions bounded by their time range, e.g.
    worker_metric_rollup_10m(since, until)), beside its raw-only counterpart: the same SQL
@@ -389,12 +391,23 @@ def http_reads(history: History, to_date: float) -> list[Read]:
         Read("get_stats fleet gpu avg 24 h @ 600 s (GPU heatmap)", 200, "workers.get_stats",
              chart_body(day_ago, to_date, 600, gpu, []) | {"empty_buckets": "null"}, worker_lists=heatmap_lists),
     ]  # fmt: skip
+    reads.append(Read("get_queues 24 h @ 600 s", 100, "workers.get_queues", span(day_ago, to_date, 600)))
+    if history.days >= 30:
+        month_ago = to_date - 30 * DAY
+        reads += [
+            Read("get_queues 30 d @ 10800 s (the fleet page's)", 100, "workers.get_queues", span(month_ago, to_date, 10800)),
+            Read("get_queues 30 d @ 3000 s (10-minute tier)", 100, "workers.get_queues", span(month_ago, to_date, 3000)),
+        ]  # fmt: skip
     if history.days >= 7:
         reads.append(
             Read("get_stats fleet cpu avg+max 7 d @ 3600 s", 200, "workers.get_stats",
                  chart_body(to_date - 7 * DAY, to_date, 3600, cpu, []))
         )  # fmt: skip
     return reads
+
+
+def span(from_date: float, to_date: float, interval: int) -> dict:
+    return {"from_date": from_date, "to_date": to_date, "interval": interval}
 
 
 async def timed_runs(run_once, runs: int) -> Timing:
