@@ -176,9 +176,10 @@ async def test_status_report_extends_the_registration(make_client):
 
 async def test_status_report_after_expiry_registers_afresh(make_client):
     client = await make_client(expiry_sweep_seconds=3600)
-    await ok(client, "workers.register", {"worker": "w1", "timeout": 1, "tags": ["old"]})
+    # 3 s: time enough to read the registration back on a loaded machine before it expires.
+    await ok(client, "workers.register", {"worker": "w1", "timeout": 3, "tags": ["old"]})
     registered = (await _workers(client))["w1"]
-    await asyncio.sleep(1.3)
+    await asyncio.sleep(3.3)
     await ok(client, "workers.status_report", {"worker": "w1", "timestamp": now_ms()})
     worker = (await _workers(client))["w1"]
     assert worker["register_timeout"] == 600
