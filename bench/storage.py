@@ -269,7 +269,17 @@ async def table_sizes(conn, table: str, hypertables: set[str]) -> Sizes:
 
 
 _PACKED = "SELECT count(*), coalesce(sum(octet_length(data)), 0)::bigint FROM {table}"
-_ROWS = "SELECT count(*), coalesce(sum(octet_length(values) / 8), 0)::bigint FROM {table}"  # 8 bytes a value
+# The metric values of each layout: a report's values are its layout's, less one per queue it
+# names (a queue pseudo-metric, stat_metrics.kind 1: docs/queues.md), which no report sent as a value.
+_METRIC_VALUES_OF_LAYOUTS = """
+SELECT l.id AS layout, count(*) FILTER (WHERE m.kind = 0) AS metric_values
+FROM report_layouts AS l CROSS JOIN unnest(l.metrics) AS v (metric) JOIN stat_metrics AS m ON m.id = v.metric
+GROUP BY l.id
+"""
+_ROWS = f"""
+SELECT count(*), coalesce(sum(v.metric_values), 0)::bigint
+FROM {{table}} AS r LEFT JOIN ({_METRIC_VALUES_OF_LAYOUTS}) AS v USING (layout)
+"""
 
 
 async def measure_parts(conn, state: State) -> list[Part]:
@@ -308,17 +318,23 @@ async def leftovers(conn) -> list[str]:
 
 
 async def count_stored_values(conn) -> int:
-    """Every value of report_blocks (decoded COUNT_BATCH blocks at a time) and of the rows."""
+    """Every metric value of report_blocks (decoded COUNT_BATCH blocks at a time) and of the
+    rows; not the queue pseudo-metrics' (one per queue a report names)."""
+    queues = {row["id"] for row in await conn.fetch("SELECT id FROM stat_metrics WHERE kind = 1")}
     keys = await conn.fetch("SELECT worker, start FROM report_blocks ORDER BY worker, start")
     total = 0
     for index in range(0, len(keys), COUNT_BATCH):
         batch = await fetch_blocks(conn, keys[index : index + COUNT_BATCH])
-        total += sum(len(values) for reports in decode(batch) for values in reports.values)
-    rows = await conn.fetchval(
-        "SELECT coalesce(sum(octet_length(values) / 8), 0)::bigint FROM (SELECT values FROM recent_reports "
-        "UNION ALL SELECT values FROM late_reports) AS r"
-    )
-    return total + rows
+        total += sum(
+            len(values)
+            for reports in decode(batch)
+            for metric, values in zip(reports.metrics.tolist(), reports.values)
+            if metric not in queues
+        )
+    for table in ("recent_reports", "late_reports"):
+        _, rows = await conn.fetchrow(_ROWS.format(table=table))
+        total += rows
+    return total
 
 
 async def fetch_blocks(conn, keys: list) -> list:
