@@ -383,7 +383,7 @@ def http_reads(history: History, to_date: float) -> list[Read]:
         Read("get_stats 10 workers cpu avg+max 1 h @ 40 s", 30, "workers.get_stats",
              chart_body(to_date - 3600, to_date, 40, cpu, ten)),
         Read("get_activity_report 24 h @ 600 s", 30, "workers.get_activity_report",
-             {"from_date": day_ago, "to_date": to_date, "interval": 600}),
+             span(day_ago, to_date, 600)),
         # The fleet page's GPU heatmap: every worker's GPU utilisation at about 120 to 150
         # buckets; past 1,000 workers in calls of 1,000 worker ids at once, as the page asks.
         Read("get_stats fleet gpu avg 1 h @ 30 s (GPU heatmap)", 200, "workers.get_stats",
